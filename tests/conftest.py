@@ -1,0 +1,73 @@
+"""Shared fixtures: a micro tokenizer and model built the way the pipeline builds them (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from utils.config import micro_preset  # noqa: E402
+from utils.corpus import builtin_documents  # noqa: E402
+from utils.model import build_model  # noqa: E402
+from utils.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    """A slice of the built-in offline corpus (the Python docs), the same on every machine."""
+    return list(builtin_documents(limit=300))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus, vocab_size=512, output_dir=path)
+    return path
+
+
+@pytest.fixture()
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """An untrained micro Llama saved as a Hugging Face checkpoint with its tokenizer."""
+    tok = load_tokenizer(tokenizer_dir)
+    model = build_model(micro_preset(len(tok)), tok, seed=0)
+    path = tmp_path_factory.mktemp("micro_ckpt")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def processed_dir(tmp_path_factory, tokenizer_dir, corpus) -> Path:
+    """A processed data dir (tokenizer/, train.bin, val.bin, meta.json) of the micro corpus."""
+    import json
+    import shutil
+
+    from utils.tokenizer import tokenizer_sha256
+    from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, token_dtype
+
+    path = tmp_path_factory.mktemp("processed")
+    shutil.copytree(tokenizer_dir, path / TOKENIZER_DIR)
+    tok = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(len(tok))
+    meta = {"vocab_size": len(tok), "dtype": dtype.name, "tokenizer_sha256": tokenizer_sha256(tokenizer_dir)}
+    for split, docs in (("train", corpus[:-30]), ("val", corpus[-30:])):
+        writer = TokenFileWriter(path / f"{split}.bin", dtype)
+        for doc in docs:
+            writer.write_document(tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        writer.close()
+        meta[f"{split}_tokens"], meta[f"{split}_documents"] = writer.tokens, writer.documents
+    (path / META).write_text(json.dumps(meta))
+    return path

@@ -1,0 +1,173 @@
+"""Checkpoint directories: atomic writes, checksums, the `latest` pointer, and loading any stage's output.
+
+A checkpoint is a Hugging Face model directory (or a peft adapter directory) plus `checksums.json`
+(sha256 of every file, written last inside the temporary directory), `run.json` and, for training
+stages, `training_state/`. Directories are written under a temporary name and renamed into place; the
+stage's `latest` file is rewritten (atomically) only after that rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from utils.tokenizer import load_tokenizer
+
+CHECKSUMS = "checksums.json"
+LATEST = "latest"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes via a temporary file in the same directory and renames it, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_checksums(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(directory)): sha256_file(p) for p in files}
+    atomic_write_json(directory / CHECKSUMS, sums)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory; on success checksums it and renames it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_checksums(tmp)
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def update_latest(stage_dir: str | Path, name: str) -> None:
+    atomic_write_text(Path(stage_dir, LATEST), name + "\n")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Follows `latest`: `<dir>/latest`, or a stage dir holding a `latest` file, to the directory it names."""
+    path = Path(path)
+    if path.name == LATEST and not path.is_dir():
+        stage_dir = path.parent
+    elif (path / LATEST).is_file() and not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        stage_dir = path
+    else:
+        return path
+    pointer = stage_dir / LATEST
+    if not pointer.is_file():
+        raise CheckpointError(f"no complete checkpoint in {stage_dir}: the '{LATEST}' pointer file is missing")
+    return stage_dir / pointer.read_text(encoding="utf-8").strip()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Checks every file listed in `checksums.json` exists and matches; names the first one that does not."""
+    path = Path(path)
+    manifest = path / CHECKSUMS
+    if not manifest.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {CHECKSUMS} is missing (partial or foreign write)")
+    for name, expected in json.loads(manifest.read_text(encoding="utf-8")).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if sha256_file(file) != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its sha256 in {CHECKSUMS}")
+
+
+def describe_missing(path: Path) -> str | None:
+    """Why `path` is not a loadable model checkpoint, or None when it is."""
+    if not path.is_dir():
+        return f"{path} does not exist or is not a directory"
+    if (path / ADAPTER_CONFIG).is_file():
+        weights = ["adapter_model.safetensors"]
+    else:
+        weights = ["config.json", "model.safetensors"]
+        if not (path / "model.safetensors").is_file() and (path / "model.safetensors.index.json").is_file():
+            weights = ["config.json"]
+    missing = [name for name in weights + ["tokenizer.json"] if not (path / name).is_file()]
+    if missing:
+        return f"{path} is not a checkpoint: missing {', '.join(missing)}"
+    return None
+
+
+def adapter_base_path(adapter_dir: Path) -> Path:
+    """The base model of a peft adapter; a relative path is tried from the cwd, then from the adapter."""
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    for candidate in (Path(base), adapter_dir / base):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"adapter {adapter_dir} names base model {base!r}, which is not found")
+
+
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a pretrain, merged or DPO model, or a LoRA adapter on its base, with its tokenizer; eval mode."""
+    path = resolve_checkpoint(path)
+    problem = describe_missing(path)
+    if problem:
+        raise CheckpointError(problem)
+    tokenizer = load_tokenizer(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base_path(path), dtype=dtype)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -1,0 +1,79 @@
+"""Machine-readable logs (`metrics.jsonl`), throughput, MFU and memory figures shared by every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, without sparsity.
+GPU_BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165.2e12,
+    "RTX 3090": 71e12,
+    "L4": 121e12,
+}
+# fp32 matmul peak of the 2-core development CPU, measured with 2 threads (160-170 GFLOP/s);
+# override with CPU_PEAK_FLOPS for another machine.
+CPU_FP32_PEAK_FLOPS = 165e9
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s that MFU is measured against: the GPU's bf16 peak, or the CPU's measured fp32 peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_BF16_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return None
+    return float(os.environ.get("CPU_PEAK_FLOPS", CPU_FP32_PEAK_FLOPS))
+
+
+def training_flops_per_token(matmul_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    """6·N for the weight matmuls (forward + backward) plus causal attention scores (PaLM, appendix B)."""
+    return 6 * matmul_params + 6 * n_layer * d_model * seq_len
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, device: torch.device) -> float | None:
+    peak = peak_flops(device)
+    return tokens_per_second * flops_per_token / peak if peak else None
+
+
+def memory_mb(device: torch.device) -> float:
+    """GPU memory allocated at peak, or this process's resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to `metrics.jsonl`, flushed at once so a crash loses nothing."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, default=float) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

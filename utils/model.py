@@ -1,0 +1,137 @@
+"""Builds transformers models from presets, and the device / precision / attention choices around them."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from utils.config import ModelPreset
+
+ATTN_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+
+
+def model_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The transformers config for `preset`; the vocabulary and special ids come from the tokenizer."""
+    vocab_size = len(tokenizer) if tokenizer is not None else preset.vocab_size
+    special = {}
+    if tokenizer is not None:
+        special = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=preset.d_model,
+        intermediate_size=preset.d_ff,
+        num_hidden_layers=preset.n_layer,
+        num_attention_heads=preset.n_head,
+        num_key_value_heads=preset.kv_heads,
+        max_position_embeddings=preset.sequence_length,
+        attention_dropout=preset.dropout,
+        rms_norm_eps=preset.rms_norm_eps,
+        initializer_range=preset.initializer_range,
+        tie_word_embeddings=preset.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta},
+        **special,
+    )
+    if preset.is_moe:
+        return MixtralConfig(
+            num_local_experts=preset.n_experts,
+            num_experts_per_tok=preset.experts_per_token,
+            router_aux_loss_coef=preset.router_aux_loss_coef,
+            output_router_logits=True,
+            **common,
+        )
+    return LlamaConfig(mlp_bias=False, attention_bias=False, **common)
+
+
+def build_model(
+    preset: ModelPreset,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int | None = None,
+) -> PreTrainedModel:
+    """A freshly initialised causal LM for `preset` (Llama, or Mixtral for MoE presets), in fp32."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = model_config(preset, tokenizer)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    embedding: int
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+    def describe(self) -> str:
+        return f"{self.total / 1e6:.2f} M parameters ({self.non_embedding / 1e6:.2f} M without embeddings)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCount:
+    """Unique parameters (tied weights counted once); embedding = input embeddings plus an untied LM head."""
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    embedding_params = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight}
+    head = model.get_output_embeddings()
+    if head is not None:
+        embedding_params[id(head.weight)] = head.weight
+    return ParameterCount(total=total, embedding=sum(p.numel() for p in embedding_params.values()))
+
+
+def flash_attention_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(choice: str) -> str:
+    """`auto` picks flash-attn 2 when installed and usable on this GPU, else PyTorch SDPA."""
+    if choice not in ATTN_CHOICES:
+        raise ValueError(f"--attn must be one of {ATTN_CHOICES}, got {choice!r}")
+    if choice == "flash_attention_2" and not flash_attention_available():
+        raise ValueError("--attn flash_attention_2 needs a CUDA GPU and the flash-attn package (make install-gpu)")
+    if choice != "auto":
+        return choice
+    if flash_attention_available() and torch.cuda.get_device_capability()[0] >= 8:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_precision(choice: str) -> str:
+    """`auto` = bf16 on a GPU that supports it, fp16 on an older GPU, fp32 ("no") on CPU."""
+    if choice not in PRECISION_CHOICES:
+        raise ValueError(f"--mixed_precision must be one of {PRECISION_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (half precision is far slower there), bf16/fp16 on GPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
