@@ -16,12 +16,13 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+import psutil
 
-from utils.tokenizer import load_tokenizer
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CHECKSUMS = "checksums.json"
 LATEST = "latest"
@@ -62,11 +63,20 @@ def write_checksums(directory: Path) -> None:
     atomic_write_json(directory / CHECKSUMS, sums)
 
 
+def _remove_stale_temporaries(final: Path) -> None:
+    """Deletes temporary siblings left by killed writers (their process is gone)."""
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yields a temporary sibling directory; on success checksums it and renames it to `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -144,9 +154,18 @@ def adapter_base_path(adapter_dir: Path) -> Path:
 
 
 def load_model(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads a pretrain, merged or DPO model, or a LoRA adapter on its base, with its tokenizer; eval mode."""
+    """Loads a pretrain, merged or DPO model, or a LoRA adapter on its base, with its tokenizer; eval mode.
+
+    torch and transformers are imported here, not at module level, so data-only stages start fast.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils.tokenizer import load_tokenizer
+
+    dtype = dtype or torch.float32
     path = resolve_checkpoint(path)
     problem = describe_missing(path)
     if problem:

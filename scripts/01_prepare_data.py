@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""Stage 01: raw text → cleaned, deduplicated documents → trained tokenizer → train.bin / val.bin + meta.json.
+
+Two streaming passes, so memory does not grow with the corpus (except the MinHash index):
+  1. read → normalise → clean → language → exact and near dedup → split; kept documents go to a temporary file;
+  2. train the tokenizer on the training side (or reuse one), then tokenise in parallel into the .bin files.
+Everything is written into a temporary directory that is renamed into place at the end, so an interrupted run
+leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import statistics
+import sys
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.checkpoint import atomic_directory, sha256_file  # noqa: E402
+from utils.cli import StageSummary, progress, run_main  # noqa: E402
+from utils.config import load_preset  # noqa: E402
+from utils.corpus import BUILTIN_NAME, python_version  # noqa: E402
+from utils.data import (  # noqa: E402
+    TXT_SPLITS,
+    CleanedDocument,
+    CleaningSettings,
+    DataError,
+    Deduplicator,
+    ReadStats,
+    clean_document,
+    expand_inputs,
+    is_validation,
+    read_documents,
+)
+from utils.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer  # noqa: E402
+from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, token_dtype  # noqa: E402
+
+FILTER_STEPS = ("code", "too_short", "too_long", "language", "exact_duplicate", "near_duplicate")
+STEP_FLAGS = {
+    "code": "--drop_code/--code_threshold", "too_short": "--min_length", "too_long": "--max_length",
+    "language": "--language/--language_threshold", "exact_duplicate": "(exact dedup)",
+    "near_duplicate": "--use_minhash/--minhash_threshold",
+}
+CLEANED_FILE = "documents.tmp.jsonl"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io_group = parser.add_argument_group("input and output")
+    io_group.add_argument("--input_path", action="append", default=None,
+                          help=f"file, directory, hub dataset id or {BUILTIN_NAME} (default); repeatable")
+    io_group.add_argument("--text_field", default=None, help="JSON/parquet field holding the text (auto-detected)")
+    io_group.add_argument("--txt_split", choices=TXT_SPLITS, default="blank_line",
+                          help=".txt documents: one per blank-line-separated block, or one per file")
+    io_group.add_argument("--dataset_config", default=None, help="hub dataset configuration name")
+    io_group.add_argument("--split", default="train", help="hub dataset split (streamed)")
+    io_group.add_argument("--output_dir", default=None, help="default: data/processed/<name>")
+    io_group.add_argument("--name", default=None, help="dataset name for the default output dir")
+    io_group.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    io_group.add_argument("--strict", action="store_true", help="fail on the first malformed JSON line")
+    io_group.add_argument("--validate_only", action="store_true",
+                          help="read and report (formats, fields, counts, lengths, languages, duplicates); write nothing")
+    clean = parser.add_argument_group("cleaning and filtering (each step reports kept/removed)")
+    clean.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                       help="NFC, strip control characters, normalise whitespace")
+    clean.add_argument("--remove_urls", action=argparse.BooleanOptionalAction, default=True)
+    clean.add_argument("--drop_code", action=argparse.BooleanOptionalAction, default=True,
+                       help="drop documents whose lines are mostly source code")
+    clean.add_argument("--code_threshold", type=float, default=0.5, help="share of code-like lines that drops a document")
+    clean.add_argument("--min_length", type=int, default=50, help="minimum document length in characters")
+    clean.add_argument("--max_length", type=int, default=0, help="maximum document length in characters (0 = none)")
+    clean.add_argument("--language", default="en", help="keep this language only ('' or 'none' to disable)")
+    clean.add_argument("--language_threshold", type=float, default=0.5, help="minimum language probability")
+    clean.add_argument("--use_minhash", action=argparse.BooleanOptionalAction, default=True,
+                       help="near-duplicate removal with MinHash LSH")
+    clean.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    clean.add_argument("--num_perm", type=int, default=128, help="MinHash permutations")
+    clean.add_argument("--shingle_size", type=int, default=5, help="words per MinHash shingle")
+    split = parser.add_argument_group("split and tokenizer")
+    split.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
+    split.add_argument("--seed", type=int, default=1234)
+    split.add_argument("--config", default=None, help="preset whose vocab_size is the default (e.g. config/tiny.json)")
+    split.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 32768, or the preset's)")
+    split.add_argument("--tokenizer_sample_bytes", type=int, default=200_000_000,
+                       help="train the tokenizer on at most this many bytes of training text (0 = all)")
+    split.add_argument("--tokenizer_path", default=None, help="reuse this Hugging Face tokenizer instead of training")
+    split.add_argument("--num_proc", type=int, default=max(1, min(4, multiprocessing.cpu_count())),
+                       help="worker processes for cleaning and tokenisation")
+    args = parser.parse_args()
+    if args.language and args.language.lower() == "none":
+        args.language = ""
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val_fraction must be in [0, 1)")
+    if args.num_proc < 1:
+        parser.error("--num_proc must be >= 1")
+    return args
+
+
+def cleaning_settings(args: argparse.Namespace) -> CleaningSettings:
+    return CleaningSettings(
+        normalize=args.normalize, remove_urls=args.remove_urls, drop_code=args.drop_code,
+        code_threshold=args.code_threshold, min_length=args.min_length, max_length=args.max_length,
+        language=args.language or None, language_threshold=args.language_threshold,
+        use_minhash=args.use_minhash, num_perm=args.num_perm, shingle_size=args.shingle_size,
+    )
+
+
+def default_name(inputs: list[str]) -> str:
+    first = inputs[0]
+    if first.startswith("builtin:"):
+        return first.split(":", 1)[1]
+    stem = Path(first).name.split(".")[0] if Path(first).exists() else first.replace("/", "__")
+    return stem or "dataset"
+
+
+def parallel_map(function, items, num_proc: int, chunksize: int):
+    """Ordered map over a stream, in worker processes when num_proc > 1."""
+    if num_proc == 1:
+        yield from map(function, items)
+        return
+    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+        yield from pool.imap(function, items, chunksize=chunksize)
+
+
+class FilterReport:
+    """Per-step counts: how many documents each filter removed, in pipeline order."""
+
+    def __init__(self, settings: CleaningSettings):
+        self.enabled = {
+            "code": settings.drop_code, "too_short": settings.min_length > 0, "too_long": settings.max_length > 0,
+            "language": bool(settings.language), "exact_duplicate": True, "near_duplicate": settings.use_minhash,
+        }
+        self.removed: Counter = Counter()
+        self.languages: Counter = Counter()
+        self.lengths: list[int] = []
+        self.kept = 0
+
+    def record(self, document: CleanedDocument, removed_by: str | None) -> None:
+        if document.language:
+            self.languages[document.language] += 1
+        if removed_by:
+            self.removed[removed_by] += 1
+        else:
+            self.kept += 1
+            self.lengths.append(len(document.text))
+
+    def steps(self, total: int) -> list[dict]:
+        rows, remaining = [], total
+        for step in FILTER_STEPS:
+            removed = self.removed[step]
+            remaining -= removed
+            rows.append({"step": step, "enabled": self.enabled[step], "removed": removed, "kept": remaining})
+        return rows
+
+    def check_not_empty(self, total: int) -> None:
+        if self.kept:
+            return
+        if not total:
+            raise DataError("the inputs hold no documents (empty files, or no records with text)")
+        worst = max(FILTER_STEPS, key=lambda s: self.removed[s])
+        raise DataError(
+            f"every document was removed: filter '{worst}' removed {self.removed[worst]} of {total} "
+            f"(loosen {STEP_FLAGS[worst]}); removed per filter: {dict(self.removed)}"
+        )
+
+    def length_distribution(self) -> dict:
+        if not self.lengths:
+            return {}
+        ordered = sorted(self.lengths)
+        quantile = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return {
+            "min": ordered[0], "p10": quantile(0.1), "median": int(statistics.median(ordered)),
+            "p90": quantile(0.9), "max": ordered[-1], "mean": round(statistics.fmean(ordered), 1),
+        }
+
+
+def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats: ReadStats, cleaned_path: Path | None):
+    """Pass 1. Writes kept documents with their split to `cleaned_path` (None = validate only)."""
+    report = FilterReport(settings)
+    dedup = Deduplicator(settings, args.minhash_threshold)
+    raw = read_documents(inputs, stats, args.text_field, args.txt_split, args.strict, args.dataset_config, args.split)
+    cleaned = parallel_map(partial(clean_document, settings=settings), raw, args.num_proc, chunksize=16)
+    split_counts = Counter()
+    sink = open(cleaned_path, "w", encoding="utf-8") if cleaned_path else None
+    try:
+        for document in progress(cleaned, desc="filter", unit="doc"):
+            removed_by = document.removed_by or dedup.duplicate_kind(document)
+            report.record(document, removed_by)
+            if removed_by:
+                continue
+            split = "val" if is_validation(document.sha256, args.seed, args.val_fraction) else "train"
+            split_counts[split] += 1
+            if sink:
+                sink.write(json.dumps({"split": split, "text": document.text}) + "\n")
+    finally:
+        if sink:
+            sink.close()
+    report.check_not_empty(stats.records)
+    return report, split_counts
+
+
+def cleaned_texts(path: Path, split: str):
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["split"] == split:
+                yield record["text"]
+
+
+_worker_tokenizer = None
+
+
+def _encode_batch(texts: list[str], tokenizer_dir: str) -> list[list[int]]:
+    global _worker_tokenizer
+    if _worker_tokenizer is None:
+        _worker_tokenizer = load_tokenizer(tokenizer_dir)
+    eos = _worker_tokenizer.eos_token_id
+    return [ids + [eos] for ids in _worker_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def batched(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_split(cleaned_path: Path, split: str, tokenizer_dir: Path, out_dir: Path, dtype, num_proc: int, total: int):
+    """Pass 2 for one split: ordered parallel tokenisation streamed into `<split>.bin`."""
+    writer = TokenFileWriter(out_dir / f"{split}.bin", dtype)
+    try:
+        batches = batched(cleaned_texts(cleaned_path, split), 64)
+        encoded = parallel_map(partial(_encode_batch, tokenizer_dir=str(tokenizer_dir)), batches, num_proc, chunksize=1)
+        bar = progress(total=total, desc=f"tokenize {split}", unit="doc")
+        for batch in encoded:
+            for ids in batch:
+                writer.write_document(ids)
+            bar.update(len(batch))
+        bar.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer
+
+
+def rebalance_empty_validation(cleaned_path: Path, split_counts: Counter) -> bool:
+    """A tiny corpus can hash no document into validation; then the last training document moves there."""
+    if split_counts["val"] or split_counts["train"] < 2:
+        return False
+    lines = cleaned_path.read_text(encoding="utf-8").splitlines()
+    last = max(i for i, line in enumerate(lines) if json.loads(line)["split"] == "train")
+    lines[last] = json.dumps({"split": "val", "text": json.loads(lines[last])["text"]})
+    cleaned_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    split_counts["train"] -= 1
+    split_counts["val"] += 1
+    return True
+
+
+def prepare_tokenizer(args, cleaned_path: Path, tokenizer_dir: Path, vocab_size: int):
+    if args.tokenizer_path:
+        source = Path(args.tokenizer_path)
+        load_tokenizer(source)
+        shutil.copytree(source, tokenizer_dir)
+        return load_tokenizer(tokenizer_dir)
+    print(f"training a {vocab_size}-token SentencePiece BPE tokenizer …", flush=True)
+    return train_tokenizer(
+        cleaned_texts(cleaned_path, "train"), vocab_size, tokenizer_dir, args.tokenizer_sample_bytes,
+        num_threads=args.num_proc,
+    )
+
+
+def resolve_vocab_size(args) -> int:
+    if args.vocab_size:
+        return args.vocab_size
+    return load_preset(args.config).vocab_size if args.config else 32768
+
+
+def validation_report(args, inputs, settings) -> int:
+    stats = ReadStats()
+    report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_path=None)
+    result = {
+        "inputs": inputs, "read": stats.as_dict(), "filters": report.steps(stats.records),
+        "kept_documents": report.kept, "split": dict(split_counts), "length_chars": report.length_distribution(),
+        "languages": dict(report.languages.most_common(10)),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main() -> int:
+    args = parse_args()
+    inputs = expand_inputs(args.input_path or [BUILTIN_NAME])
+    settings = cleaning_settings(args)
+    if args.validate_only:
+        return validation_report(args, inputs, settings)
+    output_dir = Path(args.output_dir or Path("data/processed") / (args.name or default_name(inputs)))
+    if output_dir.exists() and not args.overwrite:
+        raise FileExistsError(f"output dir {output_dir} exists; pass --overwrite to replace it")
+    vocab_size = resolve_vocab_size(args)
+    summary = StageSummary("01_prepare_data", inputs=inputs, output_dir=str(output_dir))
+    stats = ReadStats()
+    with atomic_directory(output_dir) as tmp:
+        cleaned_path = tmp / CLEANED_FILE
+        report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_path)
+        val_forced = rebalance_empty_validation(cleaned_path, split_counts)
+        tokenizer = prepare_tokenizer(args, cleaned_path, tmp / TOKENIZER_DIR, vocab_size)
+        dtype = token_dtype(len(tokenizer))
+        writers = {
+            split: tokenize_split(cleaned_path, split, tmp / TOKENIZER_DIR, tmp, dtype, args.num_proc, split_counts[split])
+            for split in ("train", "val")
+        }
+        cleaned_path.unlink()
+        meta = {
+            "vocab_size": len(tokenizer),
+            "dtype": dtype.name,
+            "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
+            "train_documents": writers["train"].documents, "val_documents": writers["val"].documents,
+            "validation_forced": val_forced,
+            "source": {"inputs": inputs, "text_field": args.text_field, "txt_split": args.txt_split,
+                       "dataset_config": args.dataset_config, "split": args.split,
+                       **({"python_version": python_version()} if BUILTIN_NAME in inputs else {})},
+            "tokenizer_sha256": tokenizer_sha256(tmp / TOKENIZER_DIR),
+            "tokenizer_source": args.tokenizer_path or "trained",
+            "read": stats.as_dict(),
+            "filters": report.steps(stats.records),
+            "length_chars": report.length_distribution(),
+            "languages": dict(report.languages.most_common(10)),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("input_path",)},
+            "files": {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    chars_per_token = sum(report.lengths) / max(1, meta["train_tokens"] + meta["val_tokens"])
+    summary.add(
+        documents_read=stats.records, documents_kept=report.kept,
+        removed={k: v for k, v in report.removed.items() if v}, malformed_records=stats.malformed,
+        train_documents=meta["train_documents"], val_documents=meta["val_documents"],
+        train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"], vocab_size=meta["vocab_size"],
+        characters_per_token=round(chars_per_token, 2),
+    )
+    summary.finish(output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

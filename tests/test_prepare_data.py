@@ -1,0 +1,273 @@
+"""Stage 01: readers, filters, dedup, split, tokenizer, .bin files, and every bad input, on small fixtures."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils.data import (
+    CleaningSettings,
+    DataError,
+    Deduplicator,
+    ReadStats,
+    clean_document,
+    code_fraction,
+    is_validation,
+    normalize_text,
+    read_documents,
+    remove_urls,
+)
+from utils.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from utils.tokens import open_tokens, read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+PROSE = (
+    "The quick brown fox jumps over the lazy dog while the children watch from the garden. "
+    "Every evening the river carries small boats past the old mill, and the miller waves at them. "
+)
+
+
+def run_prepare(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "scripts/01_prepare_data.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"prepare failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def prose_documents(count: int) -> list[str]:
+    """Distinct English paragraphs (distinct enough that near-dedup keeps them all)."""
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+    return [
+        f"Story number {i}. " + PROSE + " ".join(words[(i * 7 + j) % len(words)] + str(i * j) for j in range(40)) + "."
+        for i in range(count)
+    ]
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def test_normalize_nfc_controls_and_whitespace():
+    text = "Cafe\u0301 ok\x07 \u00a0tab\t \r\nline two   \n\n\n\nend  "
+    assert normalize_text(text) == "Café ok  tab\nline two\n\nend"
+
+
+def test_remove_urls_keeps_surrounding_prose():
+    assert remove_urls("See https://example.com/a?b=1 and www.test.org now.") == "See  and  now."
+
+
+def test_code_heavy_documents_are_dropped_and_prose_kept():
+    code = "def f(x):\n    return x\nimport os\nx = 1\nprint(x)\n"
+    assert code_fraction(code) > 0.5
+    assert clean_document(code * 5, CleaningSettings(language=None)).removed_by == "code"
+    assert clean_document(PROSE, CleaningSettings(language=None)).removed_by is None
+
+
+def test_length_filters():
+    settings = CleaningSettings(language=None, min_length=100, max_length=150, use_minhash=False)
+    assert clean_document("short text", settings).removed_by == "too_short"
+    assert clean_document(PROSE * 3, settings).removed_by == "too_long"
+    assert clean_document(PROSE[:120], settings).removed_by is None
+
+
+def test_language_filter_keeps_english_drops_german():
+    settings = CleaningSettings(language="en", use_minhash=False)
+    german = "Der schnelle braune Fuchs springt über den faulen Hund, und die Kinder schauen aus dem Garten zu."
+    assert clean_document(PROSE, settings).removed_by is None
+    dropped = clean_document(german, settings)
+    assert (dropped.removed_by, dropped.language) == ("language", "de")
+
+
+def test_exact_and_near_duplicates_keep_first_of_cluster():
+    settings = CleaningSettings(language=None)
+    dedup = Deduplicator(settings, threshold=0.8)
+    base = " ".join(f"word{i}" for i in range(300))
+    near = base.replace("word150", "changed150")  # ~98 % of shingles shared
+    different = " ".join(f"other{i}" for i in range(300))
+    kinds = [dedup.duplicate_kind(clean_document(t, settings)) for t in (base, base, near, different)]
+    assert kinds == [None, "exact_duplicate", "near_duplicate", None]
+
+
+def test_split_is_seeded_order_independent_and_close_to_fraction():
+    hashes = [f"{i:064x}" for i in range(4000)]
+    val = [h for h in hashes if is_validation(h, seed=1, val_fraction=0.1)]
+    assert 300 < len(val) < 500
+    assert val == [h for h in reversed(hashes) if is_validation(h, 1, 0.1)][::-1]
+    assert val != [h for h in hashes if is_validation(h, 2, 0.1)]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def write_inputs(tmp_path: Path, docs: list[str]) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {}
+    paths["txt"] = tmp_path / "a.txt"
+    paths["txt"].write_text("\n\n".join(docs[:2]) + "\n", encoding="utf-8")
+    paths["json"] = tmp_path / "b.json"
+    paths["json"].write_text(json.dumps([{"content": d, "id": i} for i, d in enumerate(docs[:2])]))
+    paths["jsonl"] = tmp_path / "c.jsonl"
+    paths["jsonl"].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:2]))
+    paths["jsonl.gz"] = tmp_path / "d.jsonl.gz"
+    with gzip.open(paths["jsonl.gz"], "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps({"text": d}) + "\n" for d in docs[:2]))
+    paths["txt.gz"] = tmp_path / "e.txt.gz"
+    with gzip.open(paths["txt.gz"], "wt", encoding="utf-8") as handle:
+        handle.write("\n\n".join(docs[:2]))
+    paths["parquet"] = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"story": docs[:2], "n": [1, 2]}), paths["parquet"])
+    return paths
+
+
+def test_every_input_format_reads_the_same_documents(tmp_path):
+    docs = ["First document line one.\nline two.", "Second document."]
+    for kind, path in write_inputs(tmp_path, docs).items():
+        stats = ReadStats()
+        assert [d.strip() for d in read_documents([str(path)], stats)] == docs, kind
+        assert stats.records == 2
+
+
+def test_txt_whole_file_mode(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one\n\ntwo\n")
+    assert list(read_documents([str(path)], ReadStats(), txt_split="file")) == ["one\n\ntwo\n"]
+
+
+def test_malformed_jsonl_lines_are_counted_with_line_numbers_or_fail_when_strict(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok one"}\n{broken\n{"text": "ok two"}\nnot json\n')
+    stats = ReadStats()
+    assert list(read_documents([str(path)], stats)) == ["ok one", "ok two"]
+    assert stats.malformed == 2
+    assert [e.split(" ")[0] for e in stats.malformed_examples] == [f"{path}:2", f"{path}:4"]
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        list(read_documents([str(path)], ReadStats(), strict=True))
+
+
+def test_missing_text_field_names_the_fields_found(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"title": "a", "body_text": "b"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:1.*fields found: \['body_text', 'title'\]"):
+        list(read_documents([str(path)], ReadStats()))
+    with pytest.raises(DataError, match=r"no field 'text'"):
+        list(read_documents([str(path)], ReadStats(), text_field="text"))
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("caf".encode() + b"\xe9 au lait\n\nna\xefve\n")
+    stats = ReadStats()
+    docs = list(read_documents([str(path)], stats))
+    assert docs == ["caf\ufffd au lait\n", "na\ufffdve\n"]
+    assert stats.replaced_characters == 2
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_special_tokens(tokenizer):
+    text = "Hello  world!\n\tIndented — unicode é, emoji 😀, digits 12345."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token) == (
+        "<pad>", "<unk>", "<s>", "</s>")
+    assert tokenizer.unk_token_id not in ids  # byte fallback: nothing is unknown
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert chat_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
+
+
+def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match=r"--vocab_size 4000 is too large for this corpus"):
+        train_tokenizer(["a tiny corpus of few words"], 4000, tmp_path / "tok")
+
+
+# --------------------------------------------------------------------------- the script, end to end
+
+
+def test_prepare_end_to_end_bins_match_meta(tmp_path):
+    docs = prose_documents(40)
+    inputs = write_inputs(tmp_path, docs)
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[2:]))
+    out = tmp_path / "out"
+    result = run_prepare(
+        "--input_path", str(inputs["jsonl"]), "--input_path", str(tmp_path / "more.jsonl"),
+        "--input_path", str(inputs["parquet"]), "--output_dir", str(out), "--vocab_size", "400",
+        "--val_fraction", "0.2", "--num_proc", "2",
+    )
+    assert "01_prepare_data summary" in result.stdout
+    meta = read_meta(out)
+    filters = {row["step"]: row for row in meta["filters"]}
+    assert filters["exact_duplicate"]["removed"] == 2  # the parquet file repeats the first two documents
+    assert meta["train_documents"] + meta["val_documents"] == 40
+    assert meta["val_documents"] > 0
+    tokenizer = load_tokenizer(out / "tokenizer")
+    assert meta["vocab_size"] == len(tokenizer) == 400 and meta["dtype"] == "uint16"
+    for split in ("train", "val"):
+        tokens = open_tokens(out, split)
+        assert len(tokens) == meta[f"{split}_tokens"]
+        assert int(np.sum(tokens == tokenizer.eos_token_id)) == meta[f"{split}_documents"]
+    text = tokenizer.decode(open_tokens(out, "train")).replace(tokenizer.eos_token, "\n")
+    assert "quick brown fox" in text
+    from utils.checkpoint import sha256_file
+    assert meta["files"]["train.bin"] == sha256_file(out / "train.bin")
+    assert json.loads((out / "summary.json").read_text())["documents_kept"] == 40
+
+    refused = run_prepare("--input_path", str(inputs["jsonl"]), "--output_dir", str(out), check=False)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_reusing_a_tokenizer_and_validate_only(tmp_path, tokenizer_dir):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in prose_documents(12)))
+    report = run_prepare("--input_path", str(path), "--validate_only", "--language", "none")
+    parsed = json.loads(report.stdout[report.stdout.index("{"):])
+    assert parsed["kept_documents"] == 12 and parsed["read"]["formats"] == {"jsonl": 1}
+    assert not (tmp_path / "out").exists()  # validate_only writes nothing
+    run_prepare("--input_path", str(path), "--output_dir", str(tmp_path / "out"), "--tokenizer_path", str(tokenizer_dir))
+    assert read_meta(tmp_path / "out")["tokenizer_source"] == str(tokenizer_dir)
+
+
+def test_empty_result_names_the_filter_and_leaves_no_output(tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": f"tiny {i}"}) + "\n" for i in range(5)))
+    result = run_prepare("--input_path", str(path), "--output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2
+    assert "filter 'too_short' removed 5 of 5" in result.stderr and "--min_length" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in prose_documents(3000)))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/01_prepare_data.py", "--input_path", str(path), "--output_dir", str(out),
+         "--num_proc", "1", "--vocab_size", "300"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".tmp-out-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave the output dir in place"
+    assert not list(tmp_path.rglob("meta.json"))
