@@ -4,18 +4,154 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
+ACCELERATE ?= $(VENV)/bin/accelerate
 export PYTHONPATH := $(CURDIR)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test
+# ---- variables users set on the command line (make pretrain-tiny BATCH_SIZE=8 …)
+MODEL ?= tiny
+RAW_DATASET ?= builtin:python-docs
+SFT_DATASET ?= builtin:python-docs-sft
+DPO_DATASET ?= builtin:python-docs-dpo
+DATA_NAME ?= $(notdir $(basename $(subst builtin:,,$(RAW_DATASET))))
+DATA_DIR ?= data/processed/$(DATA_NAME)-$(MODEL)
+STAGE ?= dpo
+KEEP ?= 3
+CKPT ?=
+FORCE ?=
+ARGS ?=
+BATCH_SIZE ?=
+LEARNING_RATE ?=
+MAX_STEPS ?=
+ACCELERATE_CONFIG ?=
+
+PRETRAIN_DIR = checkpoints/pretrain/$(MODEL)
+SFT_DIR = checkpoints/sft/$(MODEL)
+DPO_DIR = checkpoints/dpo/$(MODEL)
+LATEST_MODEL = $(firstword $(foreach d,$(DPO_DIR) $(SFT_DIR) $(PRETRAIN_DIR),$(if $(wildcard $(d)/latest),$(d))))
+OVERRIDES = $(if $(BATCH_SIZE),--batch_size $(BATCH_SIZE)) $(if $(LEARNING_RATE),--learning_rate $(LEARNING_RATE)) \
+            $(if $(MAX_STEPS),--max_steps $(MAX_STEPS))
+LAUNCH = $(ACCELERATE) launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG))
+
+.PHONY: help install install-gpu check-env preflight create-sample-datasets prepare \
+        pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe \
+        resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
+        sft dpo evaluate gates report serve serve-api pipeline pipeline-full test-pipeline test bench \
+        config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint \
+        cleanup-checkpoints disk-usage
 
 help: ## List every target with one line each
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}'
+	@echo "usage: make <target> [MODEL=tiny|small|base|tiny-moe] [VAR=value …]"
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-26s %s\n", $$1, $$2}'
 
+# ---------------------------------------------------------------- setup
 install: ## Create .venv and install the pinned requirements (CPU torch here; CUDA build on GPU machines)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
 
+install-gpu: install ## Also install the optional GPU extras (flash-attn, wandb)
+	$(VENV)/bin/pip install -r requirements-gpu.txt --no-build-isolation
+
+check-env: ## Versions of Python, torch, CUDA, the GPU and every library
+	$(PYTHON) scripts/check_env.py
+
+preflight: check-env ## Environment + dry run of MODEL's preset: parameters, memory, time estimate
+	$(PYTHON) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) --dry_run $(OVERRIDES) $(ARGS)
+
+config-rtx4090: ## Write config/accelerate/rtx4090.yaml (one 24 GB GPU, bf16) with accelerate's own writer
+	$(ACCELERATE) config default --mixed_precision bf16 --config_file config/accelerate/rtx4090.yaml
+	@echo "use it: make pretrain-small ACCELERATE_CONFIG=config/accelerate/rtx4090.yaml"
+
+# ---------------------------------------------------------------- data
+create-sample-datasets: ## Write small example pretrain / SFT / DPO files in every supported format to data/sample/
+	$(PYTHON) scripts/create_sample_datasets.py --output_dir data/sample $(ARGS)
+
+prepare: ## Stage 01 on RAW_DATASET (default: the built-in offline corpus) -> DATA_DIR
+	$(PYTHON) scripts/01_prepare_data.py --input_path $(RAW_DATASET) --output_dir $(DATA_DIR) \
+	    --config config/$(MODEL).json $(ARGS)
+
+# ---------------------------------------------------------------- training
+pretrain-%: ## Stage 02: pretrain a preset (pretrain-tiny, -small, -base, -tiny-moe) on DATA_DIR
+	$(MAKE) --no-print-directory _pretrain MODEL=$*
+
+resume-pretrain-%: ## Continue a preset's pretraining from its latest complete checkpoint
+	$(MAKE) --no-print-directory _pretrain MODEL=$* ARGS="--resume_from_checkpoint latest $(ARGS)"
+
+_pretrain:
+	$(LAUNCH) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) \
+	    --output_dir $(PRETRAIN_DIR) $(OVERRIDES) $(ARGS)
+
+sft: ## Stage 03: LoRA SFT of the latest pretrain checkpoint on SFT_DATASET
+	$(PYTHON) scripts/03_sft.py --model_path $(PRETRAIN_DIR) --dataset_path $(SFT_DATASET) \
+	    --output_dir $(SFT_DIR) $(OVERRIDES) $(ARGS)
+
+dpo: ## Stage 04: DPO of the SFT model on DPO_DATASET
+	$(PYTHON) scripts/04_dpo.py --model_path $(SFT_DIR) --dataset_path $(DPO_DATASET) \
+	    --output_dir $(DPO_DIR) $(OVERRIDES) $(ARGS)
+
+# ---------------------------------------------------------------- evaluation and serving
+evaluate: ## Stage 05: evaluate the newest model (dpo, else sft, else pretrain) -> evaluation_results/<stage>-<MODEL>/
+	$(PYTHON) scripts/05_evaluate.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) \
+	    --output_dir evaluation_results/$(notdir $(patsubst %/,%,$(dir $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)))))-$(MODEL) $(ARGS)
+
+gates: ## Promotion gates of STAGE (pretrain|sft|dpo); non-zero exit when one fails
+	$(PYTHON) scripts/05_evaluate.py --gates $(STAGE) --results evaluation_results/$(STAGE)-$(MODEL)/results.json $(ARGS)
+
+report: ## One Markdown run report with plots -> reports/report.md
+	$(PYTHON) scripts/07_report.py --output_dir reports $(ARGS)
+
+serve: ## Interactive chat with the newest model (CKPT=… to choose)
+	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode interactive $(ARGS)
+
+serve-api: ## REST + OpenAI-compatible API and web chat on http://127.0.0.1:8000
+	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode api \
+	    --host 127.0.0.1 --port 8000 $(ARGS)
+
+# ---------------------------------------------------------------- whole runs
+pipeline: ## prepare -> pretrain -> sft -> dpo -> evaluate -> gates -> report (tiny, offline; CPU ~20 min)
+	$(PYTHON) scripts/run_pipeline.py --profile cpu-tiny --model $(MODEL) --raw_dataset $(RAW_DATASET) \
+	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
+
+pipeline-full: ## The long run for one 24 GB GPU: MODEL=small|base with the preset's full budget
+	$(PYTHON) scripts/run_pipeline.py --profile full --model $(MODEL) --raw_dataset $(RAW_DATASET) \
+	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
+
+test-pipeline: ## Quick functional run of the whole chain with micro settings (a few minutes on CPU)
+	$(PYTHON) scripts/run_pipeline.py --profile micro --work_dir runs/test-pipeline $(if $(FORCE),--force) $(ARGS)
+
 test: ## Run the test suite (CPU, offline, micro models)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(ARGS)
+
+bench: ## Benchmarks (stage 01 MB/s, pretraining tokens/s + MFU, serving tokens/s) -> bench/results/*.json
+	$(PYTHON) bench/bench_prepare.py
+	$(PYTHON) bench/bench_pretrain.py
+	$(PYTHON) bench/bench_serve.py
+
+# ---------------------------------------------------------------- operations
+monitor: ## Live GPU view (nvidia-smi) or CPU/memory view, plus the newest metrics.jsonl row
+	$(PYTHON) scripts/monitor.py $(ARGS)
+
+checkpoints: ## List checkpoints with step, loss, size and date
+	$(PYTHON) scripts/checkpoints.py list
+
+archive-checkpoint: ## Archive CKPT=<dir> into backups/<name>-<date>.tar.gz
+	@test -n "$(CKPT)" || { echo "usage: make archive-checkpoint CKPT=checkpoints/pretrain/tiny/final"; exit 2; }
+	$(PYTHON) scripts/checkpoints.py archive $(CKPT)
+
+cleanup-checkpoints: ## Keep only the newest KEEP step_N checkpoints of STAGE (final/best/latest always kept)
+	$(PYTHON) scripts/checkpoints.py cleanup --stage $(STAGE) --keep $(KEEP)
+
+disk-usage: ## Sizes of data/ and checkpoints/
+	$(PYTHON) scripts/checkpoints.py disk-usage
+
+backup: ## config/ plus every stage's latest checkpoint (or CKPT=…) into backups/backup-<date>.tar.gz
+	$(PYTHON) scripts/checkpoints.py backup $(CKPT)
+
+clean: ## Remove caches, run outputs and reports (keeps data/ and checkpoints/)
+	rm -rf .pytest_cache runs reports evaluation_results bench/results
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
+
+clean-checkpoints: ## Delete checkpoints/ (asks first unless FORCE=1)
+	@if [ "$(FORCE)" != "1" ]; then read -r -p "Delete checkpoints/ ($$(du -sh checkpoints 2>/dev/null | cut -f1))? [y/N] " ok; \
+	    [ "$$ok" = "y" ] || { echo "kept"; exit 0; }; fi; rm -rf checkpoints && echo "checkpoints/ deleted"

@@ -9,9 +9,11 @@ import io
 import json
 import re
 import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from utils.corpus import BUILTIN_NAME, builtin_documents
 
-TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")  # .raw: plain text, as WikiText ships
 TEXT_FIELD_CANDIDATES = ("text", "content", "document", "body", "story", "article", "passage")
 TXT_SPLITS = ("blank_line", "file")
 
@@ -66,7 +68,7 @@ def _format_of(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
     for suffix in TEXT_SUFFIXES:
         if name.endswith(suffix):
-            return suffix[1:]
+            return "txt" if suffix == ".raw" else suffix[1:]
     raise DataError(f"{path}: unsupported file type; expected one of {', '.join(TEXT_SUFFIXES)} (optionally .gz)")
 
 
@@ -361,12 +363,28 @@ def clean_document(text: str, settings: CleaningSettings) -> CleanedDocument:
             return document
     document.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if settings.use_minhash:
-        from datasketch import MinHash
-
-        minhash = MinHash(num_perm=settings.num_perm, seed=1, scheme=MINHASH_SCHEME)
-        minhash.update_batch(list(shingles(text, settings.shingle_size)))
-        document.minhash = minhash.hashvalues
+        document.minhash = minhash_signature(text, settings)
     return document
+
+
+@lru_cache(maxsize=4)
+def _minhash_permutations(num_perm: int):
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=1, scheme=MINHASH_SCHEME).permutations
+
+
+def minhash_signature(text: str, settings: CleaningSettings) -> np.ndarray:
+    """MinHash of the document's word shingles; permutations are built once and crc32 hashes the shingles
+    (both dominate the cost otherwise)."""
+    from datasketch import MinHash
+
+    minhash = MinHash(
+        num_perm=settings.num_perm, seed=1, hashfunc=zlib.crc32, scheme=MINHASH_SCHEME,
+        permutations=_minhash_permutations(settings.num_perm),
+    )
+    minhash.update_batch(list(shingles(text, settings.shingle_size)))
+    return minhash.hashvalues
 
 
 class Deduplicator:
@@ -388,11 +406,9 @@ class Deduplicator:
             return "exact_duplicate"
         self.seen.add(digest)
         if self.lsh is not None and document.minhash is not None:
-            from datasketch import MinHash
+            from datasketch import LeanMinHash
 
-            minhash = MinHash(
-                num_perm=self.settings.num_perm, seed=1, hashvalues=document.minhash, scheme=MINHASH_SCHEME
-            )
+            minhash = LeanMinHash(seed=1, hashvalues=document.minhash, scheme=MINHASH_SCHEME)
             if self.lsh.query(minhash):
                 return "near_duplicate"
             self.lsh.insert(self.count, minhash, check_duplication=False)

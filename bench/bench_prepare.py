@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Benchmark of stage 01: MB/s of raw text through the whole stage (1 and 2 processes) and through
+tokenisation alone, peak RSS of the stage, and the MinHash index's memory per document.
+
+Input: the public text under ../shared/data when present (TinyStories, tiny shakespeare, WikiText-2 valid),
+else the built-in corpus. Writes bench/results/prepare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.corpus import builtin_documents  # noqa: E402
+from utils.data import CleaningSettings, Deduplicator, ReadStats, clean_document, read_documents  # noqa: E402
+from utils.tokenizer import load_tokenizer  # noqa: E402
+
+SHARED_TEXT = ["tinystories/tinystories_head.txt", "tinyshakespeare/input.txt", "wikitext-2-raw/wiki.valid.raw"]
+
+
+def bench_inputs(work: Path) -> list[str]:
+    shared = ROOT.parent / "shared" / "data"
+    found = [str(shared / name) for name in SHARED_TEXT if (shared / name).is_file()]
+    if found:
+        return found
+    path = work / "builtin.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in builtin_documents()), encoding="utf-8")
+    return [str(path)]
+
+
+def run_stage(inputs: list[str], out: Path, num_proc: int, extra: list[str]) -> dict:
+    args = [sys.executable, "scripts/01_prepare_data.py", "--output_dir", str(out), "--overwrite",
+            "--num_proc", str(num_proc), *extra]
+    for path in inputs:
+        args += ["--input_path", path]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode:
+        sys.exit(f"stage 01 failed:\n{done.stderr}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    summary = json.loads((out / "summary.json").read_text())
+    return {"seconds": summary["seconds"], "peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
+            "tokens": summary["train_tokens"] + summary["val_tokens"]}
+
+
+def tokenisation_alone(inputs: list[str], tokenizer_dir: Path) -> float:
+    tokenizer = load_tokenizer(tokenizer_dir)
+    docs = list(read_documents(inputs, ReadStats()))
+    start = time.perf_counter()
+    for i in range(0, len(docs), 64):
+        tokenizer(docs[i:i + 64], add_special_tokens=False)
+    return time.perf_counter() - start
+
+
+def minhash_bytes_per_document(inputs: list[str], count: int = 2000) -> float:
+    settings = CleaningSettings(language=None, drop_code=False, min_length=0)
+    docs = [clean_document(d, settings) for _, d in zip(range(count), read_documents(inputs, ReadStats()))]
+    tracemalloc.start()
+    dedup = Deduplicator(settings, threshold=0.8)
+    for doc in docs:
+        dedup.duplicate_kind(doc)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return size / len(docs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", default="bench/results/prepare.json")
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    args = parser.parse_args()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        inputs = bench_inputs(work)
+        raw_mb = sum(Path(p).stat().st_size for p in inputs) / 1e6
+        trained = run_stage(inputs, work / "trained", 2, ["--vocab_size", str(args.vocab_size)])
+        reuse = ["--tokenizer_path", str(work / "trained" / "tokenizer")]
+        one = run_stage(inputs, work / "p1", 1, reuse)
+        two = run_stage(inputs, work / "p2", 2, reuse)
+        alone = tokenisation_alone(inputs, work / "trained" / "tokenizer")
+        result = {
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                        "python": platform.python_version()},
+            "inputs": inputs, "raw_mb": round(raw_mb, 3), "vocab_size": args.vocab_size,
+            "stage_with_tokenizer_training_num_proc_2_mb_s": round(raw_mb / trained["seconds"], 3),
+            "stage_num_proc_1_mb_s": round(raw_mb / one["seconds"], 3),
+            "stage_num_proc_2_mb_s": round(raw_mb / two["seconds"], 3),
+            "tokenisation_alone_1_process_mb_s": round(raw_mb / alone, 3),
+            "peak_rss_mib": max(trained["peak_rss_mib"], one["peak_rss_mib"], two["peak_rss_mib"]),
+            "minhash_index_bytes_per_document": round(minhash_bytes_per_document(inputs)),
+            "tokens": two["tokens"],
+        }
+        result["stage_vs_tokenisation_alone"] = round(
+            result["stage_num_proc_2_mb_s"] / result["tokenisation_alone_1_process_mb_s"], 3)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
