@@ -33,7 +33,7 @@ OVERRIDES = $(if $(BATCH_SIZE),--batch_size $(BATCH_SIZE)) $(if $(LEARNING_RATE)
             $(if $(MAX_STEPS),--max_steps $(MAX_STEPS))
 LAUNCH = $(ACCELERATE) launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG))
 
-.PHONY: help install install-gpu check-env preflight create-sample-datasets prepare \
+.PHONY: help install install-gpu check-env presets preflight create-sample-datasets prepare \
         pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe \
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
         sft dpo evaluate gates report serve serve-api pipeline pipeline-full test-pipeline test bench \
@@ -55,6 +55,9 @@ install-gpu: install ## Also install the optional GPU extras (flash-attn, wandb)
 
 check-env: ## Versions of Python, torch, CUDA, the GPU and every library
 	$(PYTHON) scripts/check_env.py
+
+presets: ## Every preset with parameter counts (total and non-embedding) from the built model
+	$(PYTHON) scripts/show_presets.py
 
 preflight: check-env ## Environment + dry run of MODEL's preset: parameters, memory, time estimate
 	$(PYTHON) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) --dry_run $(OVERRIDES) $(ARGS)

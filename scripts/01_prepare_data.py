@@ -11,6 +11,7 @@ leaves nothing that looks complete.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import shutil
@@ -63,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     io_group.add_argument("--output_dir", default=None, help="default: data/processed/<name>")
     io_group.add_argument("--name", default=None, help="dataset name for the default output dir")
     io_group.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    io_group.add_argument("--max_documents", type=int, default=0, help="read at most this many documents (0 = all)")
     io_group.add_argument("--strict", action="store_true", help="fail on the first malformed JSON line")
     io_group.add_argument("--validate_only", action="store_true",
                           help="read and report (formats, fields, counts, lengths, languages, duplicates); write nothing")
@@ -185,6 +187,8 @@ def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats:
     report = FilterReport(settings)
     dedup = Deduplicator(settings, args.minhash_threshold)
     raw = read_documents(inputs, stats, args.text_field, args.txt_split, args.strict, args.dataset_config, args.split)
+    if args.max_documents:
+        raw = itertools.islice(raw, args.max_documents)
     cleaned = parallel_map(partial(clean_document, settings=settings), raw, args.num_proc, chunksize=16)
     split_counts = Counter()
     sink = open(cleaned_path, "w", encoding="utf-8") if cleaned_path else None

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""The whole chain in one command: prepare → pretrain → sft → dpo, each evaluated and gated, then the report.
+
+Each step runs its stage script as a subprocess. A step's stamp is the hash of its command, the stamp of the
+step before it and the content of its local input files; a re-run skips every step whose stamp is unchanged
+and whose output is complete, and an interrupted pretraining resumes from its latest checkpoint. A failing
+step (or a failing promotion gate, unless --force) stops the chain with the command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.checkpoint import LATEST, atomic_write_json, sha256_file  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+
+STATE_FILE = "pipeline_state.json"
+
+
+@dataclass
+class Profile:
+    """Budgets of one kind of run; everything else comes from the presets and the stage defaults."""
+
+    preset: str
+    pretrain: list[str]
+    sft: list[str]
+    dpo: list[str]
+    evaluate: list[str] = field(default_factory=list)
+    prepare: list[str] = field(default_factory=list)
+
+
+PROFILES = {
+    # One 2-core CPU, ~20 minutes in all: the tiny preset, a short pretraining at CPU-sized batches.
+    "cpu-tiny": Profile(
+        preset="tiny",
+        pretrain=["--max_steps", "700", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+                  "--sequence_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "50",
+                  "--eval_steps", "100", "--save_steps", "200", "--logging_steps", "25"],
+        sft=["--max_steps", "150", "--batch_size", "8", "--gradient_accumulation_steps", "1"],
+        dpo=["--max_steps", "60", "--batch_size", "4", "--gradient_accumulation_steps", "1"],
+    ),
+    # One 24 GB GPU: the preset's own training defaults and the stages' full defaults.
+    "full": Profile(preset="small", pretrain=[], sft=[], dpo=[]),
+    # Functional check of the chain in a few minutes: micro model, micro budgets, a slice of the corpus.
+    "micro": Profile(
+        preset="micro",
+        prepare=["--vocab_size", "512", "--max_documents", "120"],
+        pretrain=["--max_steps", "30", "--batch_size", "4", "--sequence_length", "64", "--eval_steps", "15",
+                  "--save_steps", "15", "--logging_steps", "5", "--warmup_steps", "3"],
+        sft=["--max_steps", "8", "--batch_size", "4", "--max_samples", "64"],
+        dpo=["--max_steps", "4", "--batch_size", "2", "--max_samples", "16"],
+        evaluate=["--tasks", "valbin,prompts", "--max_new_tokens", "16"],
+    ),
+}
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    output: Path
+    local_inputs: list[str] = field(default_factory=list)
+    resumable: bool = False
+    is_gate: bool = False
+
+
+def input_fingerprint(specs: list[str]) -> list[str]:
+    """Content hashes of the local input files (hub ids and built-in names hash as themselves)."""
+    prints = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            prints.append(sha256_file(path))
+        elif path.is_dir():
+            prints.extend(sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file())
+        else:
+            prints.append(spec)
+    return prints
+
+
+def stamp(step: Step, previous: str) -> str:
+    payload = json.dumps([step.command, previous, input_fingerprint(step.local_inputs)])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def complete(step: Step) -> bool:
+    """A step's output is complete when its stage finished writing (summary or latest pointer present)."""
+    if step.is_gate:
+        return True
+    for marker in ("summary.json", LATEST, "results.json", "report.md", "meta.json"):
+        if (step.output / marker).is_file():
+            return True
+    return False
+
+
+def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
+    work = Path(args.work_dir)
+    model = args.model or profile.preset
+    python = [sys.executable]
+    data = work / "data" / "processed" / f"{Path(args.raw_dataset.replace('builtin:', '')).name.split('.')[0]}-{model}"
+    ckpt = {stage: work / "checkpoints" / stage / model for stage in ("pretrain", "sft", "dpo")}
+    evals = {stage: work / "evaluation_results" / f"{stage}-{model}" for stage in ckpt}
+    steps = [
+        Step("prepare", python + ["scripts/01_prepare_data.py", "--input_path", args.raw_dataset, "--output_dir",
+                                  str(data), "--config", f"config/{model}.json", "--overwrite", *profile.prepare],
+             data, [args.raw_dataset]),
+        Step("pretrain", python + ["scripts/02_pretrain.py", "--config", f"config/{model}.json", "--data_path",
+                                   str(data), "--output_dir", str(ckpt["pretrain"]), *profile.pretrain],
+             ckpt["pretrain"], resumable=True),
+        Step("sft", python + ["scripts/03_sft.py", "--model_path", str(ckpt["pretrain"]), "--dataset_path",
+                              args.sft_dataset, "--output_dir", str(ckpt["sft"]), *profile.sft],
+             ckpt["sft"], [args.sft_dataset]),
+        Step("dpo", python + ["scripts/04_dpo.py", "--model_path", str(ckpt["sft"]), "--dataset_path",
+                              args.dpo_dataset, "--output_dir", str(ckpt["dpo"]), *profile.dpo],
+             ckpt["dpo"], [args.dpo_dataset]),
+    ]
+    evaluated: list[Step] = []
+    previous_results = None
+    for step in steps:
+        evaluated.append(step)
+        if step.name == "prepare":
+            continue
+        results = evals[step.name] / "results.json"
+        evaluate = python + ["scripts/05_evaluate.py", "--model_path", str(step.output), "--output_dir",
+                             str(evals[step.name]), "--data_path", str(data), *args.eval_args, *profile.evaluate]
+        evaluated.append(Step(f"evaluate-{step.name}", evaluate, evals[step.name]))
+        gate = python + ["scripts/05_evaluate.py", "--gates", step.name, "--from_results", str(results)]
+        if previous_results:
+            gate += ["--baseline", str(previous_results)]
+        evaluated.append(Step(f"gates-{step.name}", gate, evals[step.name], is_gate=True))
+        previous_results = results
+    evaluated.append(Step("report", python + ["scripts/07_report.py", "--output_dir", str(work / "reports"),
+                                              "--root", str(work)], work / "reports"))
+    return evaluated
+
+
+def run_step(step: Step, state: dict, digest: str, resume: bool, log_dir: Path) -> float:
+    command = step.command + (["--resume_from_checkpoint", "latest"] if resume else [])
+    if step.resumable and not resume and step.output.exists():
+        command.append("--overwrite_output_dir")
+    print(f"\n=== {step.name}: {shlex.join(command)}", flush=True)
+    state[step.name] = {"stamp": digest, "status": "started"}
+    started = time.time()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    seconds = round(time.time() - started, 1)
+    state[step.name].update(status="done" if code == 0 else f"failed ({code})", seconds=seconds)
+    if code:
+        raise StepFailed(step, code)
+    return seconds
+
+
+class StepFailed(Exception):
+    def __init__(self, step: Step, code: int):
+        super().__init__(step.name)
+        self.step, self.code = step, code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-tiny")
+    parser.add_argument("--model", default=None, help="preset name (default: the profile's)")
+    parser.add_argument("--raw_dataset", default="builtin:python-docs")
+    parser.add_argument("--sft_dataset", default="builtin:python-docs-sft")
+    parser.add_argument("--dpo_dataset", default="builtin:python-docs-dpo")
+    parser.add_argument("--work_dir", default=".", help="root for data/, checkpoints/, evaluation_results/, reports/")
+    parser.add_argument("--eval_args", default="", help="extra flags for 05_evaluate.py, e.g. '--wikitext_path …'")
+    parser.add_argument("--force", action="store_true", help="carry on past failed promotion gates")
+    parser.add_argument("--rerun", action="store_true", help="run every step even if its outputs are up to date")
+    args = parser.parse_args()
+    args.eval_args = shlex.split(args.eval_args)
+    profile = PROFILES[args.profile]
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    previous, timings, started = "", {}, time.time()
+    for step in build_steps(args, profile):
+        digest = stamp(step, previous)
+        previous = digest
+        recorded = state.get(step.name, {})
+        if not args.rerun and recorded.get("stamp") == digest and recorded.get("status") == "done" and complete(step):
+            print(f"=== {step.name}: up to date, skipped")
+            continue
+        resume = step.resumable and recorded.get("stamp") == digest and (step.output / LATEST).is_file()
+        try:
+            timings[step.name] = run_step(step, state, digest, resume, work)
+        except StepFailed as failed:
+            atomic_write_json(state_path, state)
+            if failed.step.is_gate and args.force:
+                print(f"=== {step.name}: gate failed, continuing because --force (FORCE=1)")
+                state[step.name]["status"] = "done"
+                atomic_write_json(state_path, state)
+                continue
+            hint = "make pipeline FORCE=1 to carry on past the gate" if failed.step.is_gate else (
+                "fix the cause and run `make pipeline` again: finished steps are skipped"
+                + (", pretraining resumes from its latest checkpoint" if failed.step.resumable else ""))
+            print(f"\npipeline stopped: step '{failed.step.name}' failed (exit {failed.code}). {hint}.", file=sys.stderr)
+            return failed.code
+        atomic_write_json(state_path, state)
+    total = round(time.time() - started, 1)
+    atomic_write_json(work / "pipeline_summary.json", {"profile": args.profile, "seconds": total, "steps": timings})
+    print(f"\npipeline finished in {total:.0f} s; step times: {json.dumps(timings)}")
+    final = work / "checkpoints" / "dpo" / (args.model or profile.preset)
+    print(f"chat with the result:  make serve CKPT={final}   (or: python scripts/06_serve.py --model_path {final})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

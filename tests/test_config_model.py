@@ -1,0 +1,100 @@
+"""Presets are validated once with errors naming the field; models are built from them as transformers classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from utils.config import ConfigError, load_preset, micro_preset, preset_with
+from utils.model import build_model, count_parameters, resolve_attention, resolve_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ["tiny", "small", "base", "tiny-moe", "micro"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_shipped_presets_are_valid(name):
+    preset = load_preset(ROOT / "config" / f"{name}.json")
+    assert preset.training.batch_size > 0 and preset.d_model % preset.n_head == 0
+
+
+def write_preset(tmp_path: Path, **changes) -> Path:
+    data = json.loads((ROOT / "config" / "tiny.json").read_text())
+    data.update(changes)
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"d_model": 250}, r"field 'd_model' \(250\) must be divisible by 'n_head' \(8\)"),
+        ({"n_kv_head": 3}, r"field 'n_head' \(8\) must be divisible by 'n_kv_head' \(3\)"),
+        ({"n_layer": 0}, r"field 'n_layer' must be positive"),
+        ({"vocab_size": "big"}, r"field 'vocab_size': expected int"),
+        ({"n_layers": 4}, r"unknown field\(s\) \['n_layers'\]"),
+        ({"dropout": 1.5}, r"field 'dropout' must be in \[0, 1\)"),
+        ({"n_experts": 4, "experts_per_token": 5}, r"field 'experts_per_token' must be in \[1, n_experts=4\]"),
+        ({"training": {"batch_size": 0, "gradient_accumulation_steps": 1, "sequence_length": 8,
+                       "learning_rate": 1e-3}}, r"field 'training': field 'batch_size' must be positive"),
+    ],
+)
+def test_invalid_presets_name_the_field(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_preset(write_preset(tmp_path, **changes))
+    assert "preset.json" in str(err.value)
+
+
+def test_missing_field_and_bad_json_are_named(tmp_path):
+    path = write_preset(tmp_path)
+    data = json.loads(path.read_text())
+    del data["n_head"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="missing required field 'n_head'"):
+        load_preset(path)
+    path.write_text('{"model_name": "x",\n  oops}')
+    with pytest.raises(ConfigError, match="invalid JSON at line 2"):
+        load_preset(path)
+
+
+def test_micro_model_is_llama_with_gqa_rope_and_tied_embeddings(tmp_path, tokenizer):
+    preset = micro_preset(len(tokenizer))
+    model = build_model(preset, tokenizer, seed=0)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads == 2 and model.config.vocab_size == len(tokenizer)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    counts = count_parameters(model)
+    assert counts.embedding == len(tokenizer) * 64
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_untied_preset_counts_the_head_as_embedding():
+    preset = preset_with(micro_preset(), tie_word_embeddings=False)
+    counts = count_parameters(build_model(preset))
+    assert counts.embedding == 2 * 512 * 64
+
+
+def test_moe_preset_builds_a_mixtral_with_router_loss():
+    preset = preset_with(micro_preset(), n_experts=4, experts_per_token=2, router_aux_loss_coef=0.01)
+    model = build_model(preset, seed=0)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    out = model(torch.randint(0, 512, (2, 16)), labels=torch.randint(0, 512, (2, 16)))
+    assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
+
+
+def test_auto_precision_and_attention_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU choices")
+    assert resolve_precision("auto") == "no"
+    assert resolve_attention("auto") == "sdpa"
+    with pytest.raises(ValueError, match="flash-attn"):
+        resolve_attention("flash_attention_2")
