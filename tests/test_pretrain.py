@@ -1,0 +1,206 @@
+"""Stage 02 end to end: real subprocess runs of scripts/02_pretrain.py on the micro preset and corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from utils.checkpoint import CheckpointError, verify_checkpoint
+from utils.config import micro_preset
+from utils.metrics import read_metrics
+from utils.tokenizer import load_tokenizer, tokenizer_sha256
+from utils.tokens import META, TOKENIZER_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "scripts/02_pretrain.py"
+# 8 steps of 4 × 64 tokens, checkpoint and evaluation at step 4, a log row every step.
+RUN_A = ["--max_steps", "8", "--save_steps", "4", "--eval_steps", "4", "--eval_batches", "2", "--logging_steps", "1",
+         "--batch_size", "4"]
+
+
+def pretrain(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(output_dir / "metrics.jsonl") if row["event"] == "train"}
+
+
+def deterministic_rows(output_dir: Path) -> list[dict]:
+    timing = ("time", "tokens_per_second", "mfu", "memory_mb")
+    return [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(output_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def micro_config(tmp_path_factory, processed_dir) -> Path:
+    path = tmp_path_factory.mktemp("preset") / "micro.json"
+    vocab = json.loads((processed_dir / META).read_text())["vocab_size"]
+    path.write_text(json.dumps(dataclasses.asdict(micro_preset(vocab))))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, micro_config, processed_dir) -> Path:
+    output_dir = tmp_path_factory.mktemp("run_a") / "out"
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+                      *RUN_A)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_run_writes_the_checkpoint_contract_and_final_generates(run_a, processed_dir):
+    assert (run_a / "latest").read_text().strip() == "final"
+    for name in ("step_4", "best", "final"):
+        verify_checkpoint(run_a / name)
+        assert (run_a / name / "training_state" / "optimizer.pt").is_file()
+    run = json.loads((run_a / "final" / "run.json").read_text())
+    assert run["step"] == 8 and run["args"]["data_path"] == str(processed_dir) and run["preset"]["n_layer"] == 2
+    assert run["data"]["tokenizer_sha256"] == json.loads((processed_dir / META).read_text())["tokenizer_sha256"]
+    rows = read_metrics(run_a / "metrics.jsonl")
+    train = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("tokens", "loss", "perplexity", "lr", "grad_norm", "tokens_per_second", "mfu", "memory_mb"):
+        assert all(r[key] is not None for r in train), key
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [4, 8]
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["final_val_loss"] > 0
+
+    model = AutoModelForCausalLM.from_pretrained(run_a / "final")
+    tokenizer = load_tokenizer(run_a / "final")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+    prompt = tokenizer("The list type", return_tensors="pt")
+    output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_resume_latest_continues_exactly(run_a, micro_config, processed_dir, tmp_path):
+    # The output dir as a run stopped after step 4 would leave it (with rows logged after the checkpoint).
+    output_dir = tmp_path / "stopped"
+    output_dir.mkdir()
+    shutil.copytree(run_a / "step_4", output_dir / "step_4")
+    (output_dir / "latest").write_text("step_4\n")
+    shutil.copy(run_a / "metrics.jsonl", output_dir / "metrics.jsonl")
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+                      "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    # Same losses, learning rates, gradient norms and validation losses, each step logged once.
+    assert deterministic_rows(output_dir) == deterministic_rows(run_a)
+    assert (output_dir / "latest").read_text().strip() == "final"
+
+
+def test_two_process_ddp_matches_one_process_at_equal_global_batch(run_a, micro_config, processed_dir, tmp_path):
+    # accelerate 1.15 starts a single process for `launch --cpu --num_processes 2` (CPU multi-process needs
+    # mpirun); `--multi_gpu` starts two through torchrun, and the script runs DDP over gloo without a GPU.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    output_dir = tmp_path / "ddp"
+    args = [a if a != "4" or i != RUN_A.index("--batch_size") + 1 else "2" for i, a in enumerate(RUN_A)]
+    result = subprocess.run(
+        [*launcher, SCRIPT, "--config", str(micro_config), "--data_path", str(processed_dir),
+         "--output_dir", str(output_dir), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((output_dir / "summary.json").read_text())["processes"] == 2
+    single, ddp = train_losses(run_a), train_losses(output_dir)
+    assert sorted(ddp) == sorted(single)
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], rel=1e-4), step
+
+
+def test_sigterm_writes_a_complete_emergency_checkpoint(micro_config, processed_dir, tmp_path):
+    output_dir = tmp_path / "interrupted"
+    command = [sys.executable, SCRIPT, "--config", str(micro_config), "--data_path", str(processed_dir),
+               "--output_dir", str(output_dir), "--max_steps", "100000", "--logging_steps", "1", "--eval_steps", "0",
+               "--save_steps", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while len(train_losses(output_dir)) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "--resume_from_checkpoint latest" in stderr
+    saved = (output_dir / "latest").read_text().strip()
+    verify_checkpoint(output_dir / saved)
+    step = int(saved.removeprefix("step_"))
+    assert step >= 2 and max(train_losses(output_dir)) == step
+    state = torch.load(output_dir / saved / "training_state" / "state.pt", weights_only=True)
+    assert state["step"] == step and state["cursor"] == 4 * step
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_the_last_good_state(micro_config, processed_dir, tmp_path):
+    # A learning rate of 1e38 makes step 1's update push the weights to ~1e38; every later forward overflows.
+    output_dir = tmp_path / "diverged"
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+                      "--max_steps", "50", "--learning_rate", "1e38", "--warmup_steps", "0", "--lr_scheduler",
+                      "constant", "--max_bad_steps", "3", "--logging_steps", "1", "--eval_steps", "0")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "non-finite" in result.stderr and "--max_bad_steps 3" in result.stderr
+    rows = read_metrics(output_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["event"] == "skipped"] == [2, 3, 4]
+    assert (output_dir / "latest").read_text().strip() == "step_4"
+    state = torch.load(output_dir / "step_4" / "training_state" / "state.pt", weights_only=True)
+    assert state["bad_steps"] == 3 and state["tokens"] == 4 * 64  # only step 1's tokens were trained on
+
+
+def test_corrupted_or_partial_checkpoints_are_named(run_a, micro_config, processed_dir, tmp_path):
+    partial = tmp_path / "partial" / "step_4"
+    shutil.copytree(run_a / "step_4", partial)
+    (partial / "training_state" / "optimizer.pt").unlink()
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir),
+                      "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(partial))
+    assert result.returncode == 2
+    assert "training_state/optimizer.pt is missing" in result.stderr and str(partial) in result.stderr
+
+    corrupted = tmp_path / "corrupted" / "step_4"
+    shutil.copytree(run_a / "step_4", corrupted)
+    with open(corrupted / "model.safetensors", "r+b") as handle:
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\x00" * 8)
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its sha256"):
+        verify_checkpoint(corrupted)
+
+
+def test_resuming_with_another_tokenizer_is_a_clear_error(run_a, micro_config, processed_dir, tmp_path):
+    # The same data with one more token in its tokenizer: ids would no longer mean what the model learned.
+    other = tmp_path / "other_data"
+    shutil.copytree(processed_dir, other)
+    tokenizer = load_tokenizer(other / TOKENIZER_DIR)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other / TOKENIZER_DIR)
+    meta = json.loads((other / META).read_text())
+    meta.update(vocab_size=len(tokenizer), tokenizer_sha256=tokenizer_sha256(other / TOKENIZER_DIR))
+    (other / META).write_text(json.dumps(meta))
+    result = pretrain("--config", str(micro_config), "--data_path", str(other), "--output_dir", str(tmp_path / "out"),
+                      "--resume_from_checkpoint", str(run_a / "step_4"))
+    assert result.returncode == 2
+    assert "tokenizer mismatch" in result.stderr and f"{len(tokenizer)} tokens" in result.stderr
+
+
+def test_dry_run_reports_sizes_and_estimates_and_writes_nothing(micro_config, processed_dir, tmp_path):
+    output_dir = tmp_path / "never"
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+                      "--dry_run", "--max_tokens", "100000", "--seq_len_schedule", "32:0.5,64:1.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "without embeddings" in result.stdout and "256 tokens/step" in result.stdout
+    assert "391 steps" in result.stdout  # ceil(100000 / 256)
+    assert "s/step" in result.stdout and "estimate" in result.stdout
+    assert not output_dir.exists()
