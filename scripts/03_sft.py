@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Stage 03: supervised fine-tuning on chat data, with the loss on the assistant replies only.
+
+LoRA by default (peft; `--full` trains every weight), trl's SFTTrainer, any supported dataset format
+(see utils/chat_data.py) rendered with the chosen chat template. Writes `<output_dir>/final/` (adapter
+or model, tokenizer carrying the template, template.json, run.json), `latest`, `metrics.jsonl`,
+`summary.json`, and with `--merge` a plain Hugging Face model in `<output_dir>/merged/`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from utils.chat_data import BUILTIN_SFT, load_sft_dataset, mix_in, split_eval, tokenize_sft  # noqa: E402
+from utils.checkpoint import CheckpointError, git_commit, sha256_file  # noqa: E402
+from utils.cli import StageSummary, run_main  # noqa: E402
+from utils.finetune import (  # noqa: E402
+    HelpFormatter,
+    SFTSettings,
+    StageLogger,
+    add_training_flags,
+    build_sft_trainer,
+    config_default,
+    default_output_dir,
+    effective_max_length,
+    is_adapter,
+    load_base_model,
+    load_settings,
+    prepare_output,
+    quiet_libraries,
+    resolve_input,
+    save_outputs,
+    trainable_parameters,
+)
+from utils.model import resolve_precision  # noqa: E402
+from utils.templates import apply_template  # noqa: E402
+from utils.tokenizer import load_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "config" / "sft.json"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    config = config_default(DEFAULT_CONFIG, SFTSettings)
+    parser.add_argument("--model_path", default="checkpoints/pretrain/tiny",
+                        help="pretrained (or merged) checkpoint directory, or a stage dir with a `latest` pointer")
+    parser.add_argument("--dataset_path", default=BUILTIN_SFT,
+                        help=f"a .json/.jsonl/.parquet file (optionally .gz), a hub dataset id, or {BUILTIN_SFT}")
+    parser.add_argument("--output_dir", help="stage directory; default checkpoints/sft/<preset of --model_path>")
+    parser.add_argument("--config_path", default=str(DEFAULT_CONFIG),
+                        help="settings file; every flag left unset takes its value from here")
+    parser.add_argument("--mix_dataset", help="general-purpose SFT data to interleave into --dataset_path")
+    parser.add_argument("--mix_ratio", type=float,
+                        help=f"share of the final training set taken from --mix_dataset {config('mix_ratio')}")
+    parser.add_argument("--packing", action="store_true", default=None,
+                        help="pack several examples into each --max_length sequence (attention stays within "
+                             f"each example) {config('packing')}")
+    add_training_flags(parser, config)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    quiet_libraries()
+    settings = load_settings(SFTSettings, args.config_path, args)
+    model_dir = resolve_input(args.model_path)
+    if is_adapter(model_dir):
+        raise CheckpointError(
+            f"--model_path {model_dir} is a LoRA adapter; fine-tune a full model: its base, or the merged "
+            "model `03_sft.py --merge` writes to <output_dir>/merged"
+        )
+    stage_dir = Path(args.output_dir) if args.output_dir else default_output_dir("sft", model_dir)
+    resume_from = prepare_output(stage_dir, args.resume)
+    summary = StageSummary("sft", model=str(model_dir), dataset=args.dataset_path, output_dir=str(stage_dir),
+                           template=settings.prompt_template, mode="full" if args.full else "lora")
+
+    conversations, stats = load_sft_dataset(args.dataset_path, args.max_samples, settings.seed)
+    if args.mix_dataset:
+        general, _ = load_sft_dataset(args.mix_dataset, seed=settings.seed)
+        conversations, stats.mixed_in = mix_in(conversations, general, settings.mix_ratio, settings.seed)
+
+    tokenizer = load_tokenizer(model_dir)
+    apply_template(tokenizer, settings.prompt_template)
+    model = load_base_model(model_dir, args.attn)
+    max_length = effective_max_length(settings.max_length, model)
+    examples = tokenize_sft(tokenizer, conversations, max_length, settings.overlong_policy, stats)
+    train, held_out = split_eval(examples, settings.eval_fraction, settings.max_eval_samples, settings.seed)
+    summary.add(data=stats.as_dict(), max_length=max_length, train_examples=len(train), eval_examples=len(held_out))
+    print(f"sft: {len(train)} training / {len(held_out)} held-out examples from {args.dataset_path} "
+          f"({stats.format}); skipped {stats.skipped_empty} empty, truncated {stats.truncated}, "
+          f"dropped {stats.dropped_overlong} over {max_length} tokens")
+
+    logger = StageLogger("sft", stage_dir / "metrics.jsonl")
+    trainer = build_sft_trainer(
+        model, tokenizer, train, held_out, settings, stage_dir / "training_state", logger,
+        full=args.full, max_length=max_length, precision=resolve_precision(args.mixed_precision),
+        gradient_checkpointing=args.gradient_checkpointing, report_to=args.report_to,
+    )
+    summary.add(parameters=trainable_parameters(trainer.model))
+    if held_out and resume_from is None:
+        summary.add(eval_loss_before=round(trainer.evaluate()["eval_loss"], 4))
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if held_out:
+        summary.add(eval_loss_after=round(trainer.evaluate()["eval_loss"], 4))
+
+    run_info = {
+        "stage": "sft", "args": vars(args), "settings": asdict(settings), "base_model": str(model_dir),
+        "dataset": stats.as_dict(),
+        "dataset_sha256": sha256_file(args.dataset_path) if Path(args.dataset_path).is_file() else None,
+        "git_commit": git_commit(), "metrics": result.metrics, "global_step": trainer.state.global_step,
+    }
+    written = save_outputs(trainer, tokenizer, stage_dir, settings.prompt_template, run_info, model_dir, args.merge)
+    summary.add(steps=trainer.state.global_step, train_loss=round(result.training_loss, 4),
+                train_seconds=round(result.metrics["train_runtime"], 1),
+                resumed_from=resume_from, **written)
+    summary.finish(stage_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
