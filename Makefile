@@ -31,18 +31,20 @@ DPO_DIR = checkpoints/dpo/$(MODEL)
 LATEST_MODEL = $(firstword $(foreach d,$(DPO_DIR) $(SFT_DIR) $(PRETRAIN_DIR),$(if $(wildcard $(d)/latest),$(d))))
 OVERRIDES = $(if $(BATCH_SIZE),--batch_size $(BATCH_SIZE)) $(if $(LEARNING_RATE),--learning_rate $(LEARNING_RATE)) \
             $(if $(MAX_STEPS),--max_steps $(MAX_STEPS))
-LAUNCH = $(ACCELERATE) launch $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG))
+# One process needs no launcher; an accelerate config (multi-GPU, FSDP, DeepSpeed) goes through `accelerate launch`.
+LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERATE_CONFIG),$(PYTHON))
 
 .PHONY: help install install-gpu check-env presets preflight create-sample-datasets prepare \
         pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe \
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
-        sft dpo evaluate gates report serve serve-api pipeline pipeline-full test-pipeline test bench \
+        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline test \
+        bench bench-prepare bench-pretrain bench-serve \
         config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint \
         cleanup-checkpoints disk-usage
 
 help: ## List every target with one line each
 	@echo "usage: make <target> [MODEL=tiny|small|base|tiny-moe] [VAR=value …]"
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-26s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{split($$1, names, " "); printf "  %-26s %s\n", names[1], $$2}'
 
 # ---------------------------------------------------------------- setup
 install: ## Create .venv and install the pinned requirements (CPU torch here; CUDA build on GPU machines)
@@ -75,10 +77,10 @@ prepare: ## Stage 01 on RAW_DATASET (default: the built-in offline corpus) -> DA
 	    --config config/$(MODEL).json $(ARGS)
 
 # ---------------------------------------------------------------- training
-pretrain-%: ## Stage 02: pretrain a preset (pretrain-tiny, -small, -base, -tiny-moe) on DATA_DIR
+pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe: pretrain-%: ## Stage 02: pretrain a preset on DATA_DIR (also pretrain-small, -base, -tiny-moe)
 	$(MAKE) --no-print-directory _pretrain MODEL=$*
 
-resume-pretrain-%: ## Continue a preset's pretraining from its latest complete checkpoint
+resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe: resume-pretrain-%: ## Continue pretraining from the latest complete checkpoint (also -small, -base, -tiny-moe)
 	$(MAKE) --no-print-directory _pretrain MODEL=$* ARGS="--resume_from_checkpoint latest $(ARGS)"
 
 _pretrain:
@@ -107,6 +109,11 @@ report: ## One Markdown run report with plots -> reports/report.md
 serve: ## Interactive chat with the newest model (CKPT=… to choose)
 	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode interactive $(ARGS)
 
+serve-batch: ## Answer every prompt of PROMPTS=<file.json|jsonl> into OUTPUT=<file.json> with the newest model
+	@test -n "$(PROMPTS)" || { echo "usage: make serve-batch PROMPTS=prompts.json OUTPUT=answers.json"; exit 2; }
+	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode batch \
+	    --prompts_file $(PROMPTS) --output_file $(or $(OUTPUT),answers.json) $(ARGS)
+
 serve-api: ## REST + OpenAI-compatible API and web chat on http://127.0.0.1:8000
 	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode api \
 	    --host 127.0.0.1 --port 8000 $(ARGS)
@@ -120,16 +127,22 @@ pipeline-full: ## The long run for one 24 GB GPU: MODEL=small|base with the pres
 	$(PYTHON) scripts/run_pipeline.py --profile full --model $(MODEL) --raw_dataset $(RAW_DATASET) \
 	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
 
-test-pipeline: ## Quick functional run of the whole chain with micro settings (a few minutes on CPU)
-	$(PYTHON) scripts/run_pipeline.py --profile micro --work_dir runs/test-pipeline $(if $(FORCE),--force) $(ARGS)
+test-pipeline: ## The whole chain with micro settings, checked stage by stage and served over HTTP (~2 min on CPU)
+	$(PYTHON) -m pytest tests/test_pipeline_e2e.py -v $(ARGS)
 
 test: ## Run the test suite (CPU, offline, micro models)
 	$(PYTHON) -m pytest $(ARGS)
 
-bench: ## Benchmarks (stage 01 MB/s, pretraining tokens/s + MFU, serving tokens/s) -> bench/results/*.json
-	$(PYTHON) bench/bench_prepare.py
-	$(PYTHON) bench/bench_pretrain.py
-	$(PYTHON) bench/bench_serve.py
+bench: bench-prepare bench-pretrain bench-serve ## All benchmarks -> bench/results/*.json (machine and config inside)
+
+bench-prepare: ## Stage 01 throughput (MB/s) against tokenisation alone
+	$(PYTHON) bench/bench_prepare.py $(ARGS)
+
+bench-pretrain: ## Pretraining tokens/s and MFU of the tiny preset against a plain PyTorch loop
+	$(PYTHON) bench/bench_pretrain.py $(ARGS)
+
+bench-serve: ## Decode tokens/s against model.generate(), and API throughput with 1/4/8 clients
+	$(PYTHON) bench/bench_serve.py $(ARGS)
 
 # ---------------------------------------------------------------- operations
 monitor: ## Live GPU view (nvidia-smi) or CPU/memory view, plus the newest metrics.jsonl row

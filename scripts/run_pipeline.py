@@ -45,11 +45,14 @@ PROFILES = {
     # One 2-core CPU, ~20 minutes in all: the tiny preset, a short pretraining at CPU-sized batches.
     "cpu-tiny": Profile(
         preset="tiny",
-        pretrain=["--max_steps", "700", "--batch_size", "8", "--gradient_accumulation_steps", "1",
-                  "--sequence_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "50",
-                  "--eval_steps", "100", "--save_steps", "200", "--logging_steps", "25"],
-        sft=["--max_steps", "150", "--batch_size", "8", "--gradient_accumulation_steps", "1"],
-        dpo=["--max_steps", "60", "--batch_size", "4", "--gradient_accumulation_steps", "1"],
+        pretrain=["--max_steps", "400", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+                  "--sequence_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "40",
+                  "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "25"],
+        sft=["--max_steps", "100", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+             "--max_eval_samples", "64"],
+        # A LoRA adapter this small moves too little at DPO's usual 5e-7 to show in 40 steps.
+        dpo=["--max_steps", "40", "--batch_size", "4", "--gradient_accumulation_steps", "1",
+             "--max_eval_samples", "32", "--learning_rate", "5e-5"],
     ),
     # One 24 GB GPU: the preset's own training defaults and the stages' full defaults.
     "full": Profile(preset="small", pretrain=[], sft=[], dpo=[]),
@@ -59,9 +62,9 @@ PROFILES = {
         prepare=["--vocab_size", "512", "--max_documents", "120"],
         pretrain=["--max_steps", "30", "--batch_size", "4", "--sequence_length", "64", "--eval_steps", "15",
                   "--save_steps", "15", "--logging_steps", "5", "--warmup_steps", "3"],
-        sft=["--max_steps", "8", "--batch_size", "4", "--max_samples", "64"],
-        dpo=["--max_steps", "4", "--batch_size", "2", "--max_samples", "16"],
-        evaluate=["--tasks", "valbin,prompts", "--max_new_tokens", "16"],
+        sft=["--max_steps", "8", "--batch_size", "4", "--max_samples", "64", "--max_eval_samples", "8"],
+        dpo=["--max_steps", "4", "--batch_size", "2", "--max_samples", "16", "--max_eval_samples", "4"],
+        evaluate=["--tasks", "val,generate", "--max_new_tokens", "16"],
     ),
 }
 
@@ -191,7 +194,9 @@ def main() -> int:
         digest = stamp(step, previous)
         previous = digest
         recorded = state.get(step.name, {})
-        if not args.rerun and recorded.get("stamp") == digest and recorded.get("status") == "done" and complete(step):
+        # Once a step has run, its outputs are new: every later step runs on them too.
+        up_to_date = not timings and recorded.get("stamp") == digest and recorded.get("status") == "done"
+        if not args.rerun and up_to_date and complete(step):
             print(f"=== {step.name}: up to date, skipped")
             continue
         resume = step.resumable and recorded.get("stamp") == digest and (step.output / LATEST).is_file()

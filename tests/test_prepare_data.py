@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -37,9 +36,8 @@ PROSE = (
 
 
 def run_prepare(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "scripts/01_prepare_data.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "scripts/01_prepare_data.py", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=300,
     )
     if check and result.returncode != 0:
@@ -258,11 +256,10 @@ def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in prose_documents(3000)))
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "scripts/01_prepare_data.py", "--input_path", str(path), "--output_dir", str(out),
          "--num_proc", "1", "--vocab_size", "300"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
     while not list(tmp_path.glob(".tmp-out-*")) and time.time() < deadline and proc.poll() is None:

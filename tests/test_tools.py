@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -13,8 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -74,3 +72,16 @@ def test_check_env_and_presets_and_monitor_run():
     assert "6.45 M" in tiny and "4.35 M" in tiny
     monitor = run("monitor.py", "--interval", "0.1", "--count", "1")
     assert monitor.returncode == 0 and ("CPU" in monitor.stdout or "GPU" in monitor.stdout)
+
+
+def test_every_make_target_in_help_expands_to_a_command():
+    """`make -n` of each listed target prints its commands: no target is silently a no-op."""
+    listed = subprocess.run(["make", "--no-print-directory", "help"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    targets = [line.split()[0] for line in listed.splitlines() if line.startswith("  ")]
+    assert {"pipeline", "pretrain-tiny", "resume-pretrain-tiny", "serve-api", "test-pipeline"} <= set(targets)
+    for target in [*targets, "pretrain-small", "pretrain-base", "pretrain-tiny-moe", "resume-pretrain-base"]:
+        dry = subprocess.run(["make", "--no-print-directory", "-n", target, "CKPT=checkpoints/x", "PROMPTS=p.json"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert dry.returncode == 0 and "Nothing to be done" not in dry.stdout + dry.stderr, (target, dry)
+        assert dry.stdout.strip(), target
