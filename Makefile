@@ -13,9 +13,10 @@ MODEL ?= tiny
 RAW_DATASET ?= builtin:python-docs
 SFT_DATASET ?= builtin:python-docs-sft
 DPO_DATASET ?= builtin:python-docs-dpo
-DATA_NAME ?= $(notdir $(basename $(subst builtin:,,$(RAW_DATASET))))
+# The data dir is named like run_pipeline.py names it: the dataset's file or folder name up to its first dot.
+DATA_NAME ?= $(firstword $(subst ., ,$(notdir $(patsubst %/,%,$(subst builtin:,,$(RAW_DATASET))))))
 DATA_DIR ?= data/processed/$(DATA_NAME)-$(MODEL)
-STAGE ?= dpo
+STAGE ?=
 KEEP ?= 3
 CKPT ?=
 FORCE ?=
@@ -96,12 +97,12 @@ dpo: ## Stage 04: DPO of the SFT model on DPO_DATASET
 	    --output_dir $(DPO_DIR) $(OVERRIDES) $(ARGS)
 
 # ---------------------------------------------------------------- evaluation and serving
-evaluate: ## Stage 05: evaluate the newest model (dpo, else sft, else pretrain) -> evaluation_results/<stage>-<MODEL>/
-	$(PYTHON) scripts/05_evaluate.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) \
-	    --output_dir evaluation_results/$(notdir $(patsubst %/,%,$(dir $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)))))-$(MODEL) $(ARGS)
+evaluate: ## Stage 05: evaluate the newest model (dpo, else sft, else pretrain) -> evaluation_results/<stage>-<preset>/
+	$(PYTHON) scripts/05_evaluate.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) $(ARGS)
 
-gates: ## Promotion gates of STAGE (pretrain|sft|dpo); non-zero exit when one fails
-	$(PYTHON) scripts/05_evaluate.py --gates $(STAGE) --results evaluation_results/$(STAGE)-$(MODEL)/results.json $(ARGS)
+gates: ## Promotion gates of STAGE (pretrain|sft|dpo, default dpo) on its last evaluation; exit 3 when one fails
+	$(PYTHON) scripts/05_evaluate.py --gates $(or $(STAGE),dpo) \
+	    --results evaluation_results/$(or $(STAGE),dpo)-$(MODEL)/results.json $(ARGS)
 
 report: ## One Markdown run report with plots -> reports/report.md
 	$(PYTHON) scripts/07_report.py --output_dir reports $(ARGS)
@@ -109,10 +110,10 @@ report: ## One Markdown run report with plots -> reports/report.md
 serve: ## Interactive chat with the newest model (CKPT=… to choose)
 	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode interactive $(ARGS)
 
-serve-batch: ## Answer every prompt of PROMPTS=<file.json|jsonl> into OUTPUT=<file.json> with the newest model
+serve-batch: ## Answer every prompt of PROMPTS=<file.json|jsonl> into OUTPUT (default reports/answers.json)
 	@test -n "$(PROMPTS)" || { echo "usage: make serve-batch PROMPTS=prompts.json OUTPUT=answers.json"; exit 2; }
 	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode batch \
-	    --prompts_file $(PROMPTS) --output_file $(or $(OUTPUT),answers.json) $(ARGS)
+	    --prompts_file $(PROMPTS) --output_file $(or $(OUTPUT),reports/answers.json) $(ARGS)
 
 serve-api: ## REST + OpenAI-compatible API and web chat on http://127.0.0.1:8000
 	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode api \
@@ -123,8 +124,8 @@ pipeline: ## prepare -> pretrain -> sft -> dpo -> evaluate -> gates -> report (t
 	$(PYTHON) scripts/run_pipeline.py --profile cpu-tiny --model $(MODEL) --raw_dataset $(RAW_DATASET) \
 	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
 
-pipeline-full: ## The long run for one 24 GB GPU: MODEL=small|base with the preset's full budget
-	$(PYTHON) scripts/run_pipeline.py --profile full --model $(MODEL) --raw_dataset $(RAW_DATASET) \
+pipeline-full: ## The long run for one 24 GB GPU: MODEL=small (default) or base with the preset's full budget
+	$(PYTHON) scripts/run_pipeline.py --profile full $(if $(filter command line,$(origin MODEL)),--model $(MODEL)) --raw_dataset $(RAW_DATASET) \
 	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
 
 test-pipeline: ## The whole chain with micro settings, checked stage by stage and served over HTTP (~2 min on CPU)
@@ -133,7 +134,10 @@ test-pipeline: ## The whole chain with micro settings, checked stage by stage an
 test: ## Run the test suite (CPU, offline, micro models)
 	$(PYTHON) -m pytest $(ARGS)
 
-bench: bench-prepare bench-pretrain bench-serve ## All benchmarks -> bench/results/*.json (machine and config inside)
+bench: ## All benchmarks -> bench/results/*.json (machine and config inside); ARGS go to the bench-* targets
+	$(MAKE) --no-print-directory bench-prepare ARGS=
+	$(MAKE) --no-print-directory bench-pretrain ARGS=
+	$(MAKE) --no-print-directory bench-serve ARGS=
 
 bench-prepare: ## Stage 01 throughput (MB/s) against tokenisation alone
 	$(PYTHON) bench/bench_prepare.py $(ARGS)
@@ -155,8 +159,8 @@ archive-checkpoint: ## Archive CKPT=<dir> into backups/<name>-<date>.tar.gz
 	@test -n "$(CKPT)" || { echo "usage: make archive-checkpoint CKPT=checkpoints/pretrain/tiny/final"; exit 2; }
 	$(PYTHON) scripts/checkpoints.py archive $(CKPT)
 
-cleanup-checkpoints: ## Keep only the newest KEEP step_N checkpoints of STAGE (final/best/latest always kept)
-	$(PYTHON) scripts/checkpoints.py cleanup --stage $(STAGE) --keep $(KEEP)
+cleanup-checkpoints: ## Keep the newest KEEP step_N checkpoints of STAGE (default pretrain; final/best/latest kept)
+	$(PYTHON) scripts/checkpoints.py cleanup --stage $(or $(STAGE),pretrain) --keep $(KEEP)
 
 disk-usage: ## Sizes of data/ and checkpoints/
 	$(PYTHON) scripts/checkpoints.py disk-usage

@@ -461,7 +461,7 @@ def print_gates(report: dict[str, Any]) -> int:
         return 0
     failed = [c["message"] for c in report["checks"] if c["status"] == "failed"]
     print(f"gate failed for stage {report['stage']}: " + "; ".join(failed) +
-          f" (thresholds in {report['config']}; FORCE=1 make ... continues anyway)", file=sys.stderr)
+          f" (thresholds in {report['config']}; `make pipeline FORCE=1` or run_pipeline.py --force carries on past it)", file=sys.stderr)
     return GATE_FAILED
 
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from utils.checkpoint import LATEST, atomic_write_json, sha256_file  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 
-STATE_FILE = "pipeline_state.json"
+# Beside the checkpoints it describes: deleting checkpoints/ forgets the finished steps too.
+STATE_FILE = Path("checkpoints", "pipeline_state.json")
 
 
 @dataclass
@@ -45,9 +46,9 @@ PROFILES = {
     # One 2-core CPU, ~20 minutes in all: the tiny preset, a short pretraining at CPU-sized batches.
     "cpu-tiny": Profile(
         preset="tiny",
-        pretrain=["--max_steps", "400", "--batch_size", "8", "--gradient_accumulation_steps", "1",
-                  "--sequence_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "40",
-                  "--eval_steps", "100", "--save_steps", "100", "--logging_steps", "25"],
+        pretrain=["--max_steps", "800", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+                  "--sequence_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "50",
+                  "--eval_steps", "200", "--save_steps", "200", "--logging_steps", "50"],
         sft=["--max_steps", "100", "--batch_size", "8", "--gradient_accumulation_steps", "1",
              "--max_eval_samples", "64"],
         # A LoRA adapter this small moves too little at DPO's usual 5e-7 to show in 40 steps.
@@ -188,6 +189,7 @@ def main() -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_FILE
+    state_path.parent.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     previous, timings, started = "", {}, time.time()
     for step in build_steps(args, profile):
@@ -216,7 +218,8 @@ def main() -> int:
             return failed.code
         atomic_write_json(state_path, state)
     total = round(time.time() - started, 1)
-    atomic_write_json(work / "pipeline_summary.json", {"profile": args.profile, "seconds": total, "steps": timings})
+    summary = {"profile": args.profile, "seconds": total, "steps": timings}
+    atomic_write_json(work / "reports" / "pipeline_summary.json", summary)
     print(f"\npipeline finished in {total:.0f} s; step times: {json.dumps(timings)}")
     final = work / "checkpoints" / "dpo" / (args.model or profile.preset)
     print(f"chat with the result:  make serve CKPT={final}   (or: python scripts/06_serve.py --model_path {final})")

@@ -77,7 +77,9 @@ def test_compressed_and_parquet_files_are_read(tmp_path):
     with gzip.open(tmp_path / "data.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(r) + "\n" for r in records))
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "data.parquet")
-    for name in ("data.jsonl.gz", "data.parquet"):
+    with gzip.open(tmp_path / "data.parquet.gz", "wb") as handle:
+        handle.write((tmp_path / "data.parquet").read_bytes())
+    for name in ("data.jsonl.gz", "data.parquet", "data.parquet.gz"):
         conversations, _ = load_sft_dataset(str(tmp_path / name))
         assert [c[1]["content"] for c in conversations] == [A1, A2]
 

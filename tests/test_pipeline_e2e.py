@@ -48,7 +48,7 @@ def test_every_stage_leaves_complete_outputs(run):
     assert "all gates passed" in result.stdout
     report = (work / "reports" / "report.md").read_text()
     assert all(stage in report for stage in STAGES)
-    summary = json.loads((work / "pipeline_summary.json").read_text())
+    summary = json.loads((work / "reports" / "pipeline_summary.json").read_text())
     assert list(summary["steps"])[0] == "prepare" and list(summary["steps"])[-1] == "report"
     assert "make serve CKPT=" in result.stdout
 
@@ -94,5 +94,5 @@ def test_a_rerun_skips_finished_steps_and_a_failing_stage_stops_the_chain(run):
     assert "=== pretrain: up to date, skipped" in failed.stdout
     assert "missing.jsonl" in failed.stderr + failed.stdout
     assert "pipeline stopped: step 'sft' failed (exit 2)" in failed.stderr
-    state = json.loads((work / "pipeline_state.json").read_text())
+    state = json.loads((work / "checkpoints" / "pipeline_state.json").read_text())
     assert state["sft"]["status"] == "failed (2)"

@@ -190,9 +190,11 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer):
     assert chat_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
 
 
-def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path):
+def test_vocab_too_large_or_too_small_for_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match=r"--vocab_size 4000 is too large for this corpus"):
         train_tokenizer(["a tiny corpus of few words"], 4000, tmp_path / "tok")
+    with pytest.raises(TokenizerError, match=r"--vocab_size 200 is too small.*use a larger --vocab_size"):
+        train_tokenizer(["a tiny corpus of few words"], 200, tmp_path / "tok")
 
 
 # --------------------------------------------------------------------------- the script, end to end

@@ -20,6 +20,7 @@ Preference formats:
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import random
@@ -138,7 +139,9 @@ def _read_jsonl(path: Path) -> list[Located]:
 def _read_parquet(path: Path) -> list[Located]:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(path).to_pylist()
+    # pyarrow reads parquet from a seekable file: a .gz is decompressed into memory first.
+    source = io.BytesIO(gzip.open(path, "rb").read()) if path.suffix == ".gz" else path
+    rows = pq.read_table(source).to_pylist()
     return [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
 
 

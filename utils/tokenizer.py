@@ -67,6 +67,11 @@ def train_sentencepiece(
             )
         except RuntimeError as err:
             message = str(err)
+            if "smaller than required_chars" in message:
+                raise TokenizerError(
+                    f"--vocab_size {vocab_size} is too small: the 256 byte pieces, the special tokens and the "
+                    f"corpus's characters need more ({message.strip()}); use a larger --vocab_size"
+                ) from None
             if "Vocabulary size" in message or "vocab_size" in message:
                 raise TokenizerError(
                     f"--vocab_size {vocab_size} is too large for this corpus ({message.strip()}); "
