@@ -71,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     clean = parser.add_argument_group("cleaning and filtering (each step reports kept/removed)")
     clean.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                        help="NFC, strip control characters, normalise whitespace")
-    clean.add_argument("--remove_urls", action=argparse.BooleanOptionalAction, default=True)
+    clean.add_argument("--remove_urls", action=argparse.BooleanOptionalAction, default=True,
+                       help="remove http(s)://, ftp:// and www. URLs from the text")
     clean.add_argument("--drop_code", action=argparse.BooleanOptionalAction, default=True,
                        help="drop documents whose lines are mostly source code")
     clean.add_argument("--code_threshold", type=float, default=0.5, help="share of code-like lines that drops a document")
@@ -86,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     clean.add_argument("--shingle_size", type=int, default=5, help="words per MinHash shingle")
     split = parser.add_argument_group("split and tokenizer")
     split.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
-    split.add_argument("--seed", type=int, default=1234)
+    split.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     split.add_argument("--config", default=None, help="preset whose vocab_size is the default (e.g. config/tiny.json)")
     split.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 32768, or the preset's)")
     split.add_argument("--tokenizer_sample_bytes", type=int, default=200_000_000,

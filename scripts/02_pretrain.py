@@ -33,7 +33,6 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from utils.checkpoint import (  # noqa: E402
     LATEST,
@@ -45,7 +44,7 @@ from utils.checkpoint import (  # noqa: E402
     update_latest,
     verify_checkpoint,
 )
-from utils.cli import StageSummary, progress, run_main  # noqa: E402
+from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
 from utils.config import ModelPreset, load_preset  # noqa: E402
 from utils.metrics import MetricsLogger, memory_mb, mfu, read_metrics, training_flops_per_token  # noqa: E402
 from utils.model import (  # noqa: E402
@@ -639,7 +638,7 @@ def dry_run(run: Run, sampler: WindowSampler, steps: int = 3) -> None:
 
 def main() -> int:
     args = parse_args()
-    hf_logging.disable_progress_bar()  # per-file load/save bars would interleave with the training bar
+    quiet_libraries()
     preset = load_preset(args.config)
     output_dir = Path(args.output_dir or f"checkpoints/pretrain/{preset.model_name}")
     args.output_dir = str(output_dir)

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from utils.chat_data import BUILTIN_SFT, load_sft_dataset, mix_in, split_eval, tokenize_sft  # noqa: E402
 from utils.checkpoint import CheckpointError, git_commit, sha256_file  # noqa: E402
-from utils.cli import StageSummary, run_main  # noqa: E402
+from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
 from utils.finetune import (  # noqa: E402
     HelpFormatter,
     SFTSettings,
@@ -36,7 +36,6 @@ from utils.finetune import (  # noqa: E402
     load_base_model,
     load_settings,
     prepare_output,
-    quiet_libraries,
     resolve_input,
     save_outputs,
     trainable_parameters,

@@ -29,7 +29,7 @@ from utils.chat_data import (  # noqa: E402
     split_eval,
 )
 from utils.checkpoint import adapter_base_path, git_commit, sha256_file  # noqa: E402
-from utils.cli import StageSummary, run_main  # noqa: E402
+from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
 from utils.finetune import (  # noqa: E402
     DPO_LOSS_TYPES,
     DPO_STOP_METRICS,
@@ -46,7 +46,6 @@ from utils.finetune import (  # noqa: E402
     load_base_model,
     load_settings,
     prepare_output,
-    quiet_libraries,
     resolve_input,
     save_outputs,
     trainable_parameters,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from utils.checkpoint import atomic_write_json, atomic_write_text, describe_missing, resolve_checkpoint  # noqa: E402
-from utils.cli import StageSummary, run_main  # noqa: E402
+from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
 from utils.eval_data import (  # noqa: E402
     EvalDataError,
     SourceInfo,
@@ -347,6 +347,7 @@ class Evaluator:
 
 def main() -> int:
     args = parse_args()
+    quiet_libraries()
     if args.from_results:
         return check_existing(args)
     tasks = check_arguments(args)
@@ -460,8 +461,8 @@ def print_gates(report: dict[str, Any]) -> int:
         print("  all gates passed")
         return 0
     failed = [c["message"] for c in report["checks"] if c["status"] == "failed"]
-    print(f"gate failed for stage {report['stage']}: " + "; ".join(failed) +
-          f" (thresholds in {report['config']}; `make pipeline FORCE=1` or run_pipeline.py --force carries on past it)", file=sys.stderr)
+    print(f"gate failed for stage {report['stage']}: " + "; ".join(failed) + f" (thresholds in {report['config']}; "
+          "`make pipeline FORCE=1` or run_pipeline.py --force carries on past it)", file=sys.stderr)
     return GATE_FAILED
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.cli import StageSummary, progress, run_main  # noqa: E402
+from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
 from utils.generation import (  # noqa: E402
     ChatSession,
     GenerationError,
@@ -336,6 +336,7 @@ def api(args: argparse.Namespace, loaded: LoadedModel, api_key: str | None) -> N
 
 def main() -> None:
     args = parse_args()
+    quiet_libraries()
     settings = sampling(args)
     for name in ("max_batch_size", "max_new_tokens_cap", "max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:

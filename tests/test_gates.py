@@ -106,5 +106,6 @@ def test_gates_on_existing_results_exit_3_naming_the_failure(tmp_path):
     assert "| val.perplexity " in result.stdout and "+70 (+175.0 %)" in result.stdout  # the comparison table
     assert result.stderr.strip().splitlines()[-1] == (
         "gate failed for stage sft: val.perplexity regressed +175.0 % vs pretrain (40 -> 110); over "
-        "max_regression_pct 150 (thresholds in config/gates.json; FORCE=1 make ... continues anyway)"
+        "max_regression_pct 150 (thresholds in config/gates.json; `make pipeline FORCE=1` or run_pipeline.py "
+        "--force carries on past it)"
     )

@@ -270,3 +270,12 @@ def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     proc.wait()
     assert not out.exists(), "a killed run must not leave the output dir in place"
     assert not list(tmp_path.rglob("meta.json"))
+
+
+def test_builtin_corpus_is_identical_in_every_process():
+    """Same Python, same corpus: nothing process-specific (such as object addresses) leaks into the text."""
+    code = ("import hashlib; from utils.corpus import builtin_documents; "
+            "print(hashlib.sha256('\\0'.join(builtin_documents()).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout for _ in range(2)}
+    assert len(digests) == 1

@@ -489,36 +489,31 @@ def load_sft_dataset(
     spec: str, max_samples: int | None = None, seed: int = 0
 ) -> tuple[list[list[Message]], DatasetStats]:
     """SFT conversations from a file, a hub id or `builtin:python-docs-sft`, with what was skipped and why."""
-    if spec == BUILTIN_SFT:
-        conversations = builtin_sft(seed)
-        stats = DatasetStats(source=spec, format="builtin", records=len(conversations), kept=len(conversations))
-    elif spec.startswith("builtin:"):
-        raise ChatDataError(f"unknown built-in SFT set {spec!r}; the built-in SFT set is {BUILTIN_SFT}")
-    else:
-        conversations, stats = parse_sft_records(read_records(spec), spec)
-    conversations = _subsample(conversations, max_samples, seed)
-    stats.kept = len(conversations)
-    if not conversations:
-        raise ChatDataError(stats.describe_empty())
-    return conversations, stats
+    return _load_examples(spec, BUILTIN_SFT, builtin_sft, parse_sft_records, "SFT", max_samples, seed)
 
 
 def load_preference_dataset(
     spec: str, max_samples: int | None = None, seed: int = 0
 ) -> tuple[list[PreferencePair], DatasetStats]:
     """Preference pairs from a file, a hub id or `builtin:python-docs-dpo`, with what was dropped and why."""
-    if spec == BUILTIN_DPO:
-        pairs = builtin_preferences(seed)
-        stats = DatasetStats(source=spec, format="builtin", records=len(pairs), kept=len(pairs))
+    return _load_examples(spec, BUILTIN_DPO, builtin_preferences, parse_preference_records, "preference",
+                          max_samples, seed)
+
+
+def _load_examples(spec: str, builtin: str, make_builtin, parse, kind: str, max_samples: int | None,
+                   seed: int) -> tuple[list, DatasetStats]:
+    if spec == builtin:
+        examples = make_builtin(seed)
+        stats = DatasetStats(source=spec, format="builtin", records=len(examples), kept=len(examples))
     elif spec.startswith("builtin:"):
-        raise ChatDataError(f"unknown built-in preference set {spec!r}; the built-in preference set is {BUILTIN_DPO}")
+        raise ChatDataError(f"unknown built-in {kind} set {spec!r}; the built-in {kind} set is {builtin}")
     else:
-        pairs, stats = parse_preference_records(read_records(spec), spec)
-    pairs = _subsample(pairs, max_samples, seed)
-    stats.kept = len(pairs)
-    if not pairs:
+        examples, stats = parse(read_records(spec), spec)
+    examples = _subsample(examples, max_samples, seed)
+    stats.kept = len(examples)
+    if not examples:
         raise ChatDataError(stats.describe_empty())
-    return pairs, stats
+    return examples, stats
 
 
 def mix_in(domain: list, general: list, ratio: float, seed: int) -> tuple[list, int]:

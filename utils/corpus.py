@@ -12,6 +12,7 @@ import importlib
 import inspect
 import io
 import pkgutil
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 BUILTIN_NAME = "builtin:python-docs"
+MEMORY_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 # Modules with side effects on import (a browser, a GUI, printing) or that only exist on other platforms.
 SKIPPED_MODULES = {
     "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip", "pydoc_data",
@@ -52,9 +54,11 @@ def _import_quietly(name: str):
 
 def _signature(obj) -> str:
     try:
-        return str(inspect.signature(obj))
+        signature = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
+    # Sentinel defaults print as `<object object at 0x7f…>`: the address changes with every process.
+    return MEMORY_ADDRESS_RE.sub("", signature)
 
 
 def _module_entries(module_name: str) -> Iterator[DocEntry]:

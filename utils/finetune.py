@@ -143,15 +143,6 @@ class DPOSettings(TrainSettings):
 # ---------------------------------------------------------------- settings and flags
 
 
-def quiet_libraries() -> None:
-    """Library progress bars (dataset maps, weight loading) would interleave with the stage's own bar."""
-    import datasets
-    from transformers.utils import logging
-
-    datasets.disable_progress_bars()
-    logging.disable_progress_bar()
-
-
 LORA_FLAGS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules"}
 
 
