@@ -103,7 +103,7 @@ def default_model_path(preset: str) -> Path:
             return path
     raise FileNotFoundError(
         f"no complete checkpoint (a 'latest' pointer) in checkpoints/{{{','.join(STAGES)}}}/{preset}: "
-        "train one first (make pretrain) or pass --model_path"
+        f"train one first (make pretrain-{preset}) or pass --model_path"
     )
 
 

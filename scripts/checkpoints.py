@@ -82,16 +82,23 @@ def archive(checkpoint: Path, output_dir: Path) -> int:
 
 
 def cleanup(stage_dir: Path, keep: int) -> int:
-    """Deletes all but the newest `keep` step_N dirs; never final/, best/, or what `latest` points at."""
+    """In each run dir (one per preset) deletes all but the newest `keep` step_N dirs; never final/, best/,
+    or what `latest` points at."""
     if not stage_dir.is_dir():
         raise FileNotFoundError(f"no such stage directory: {stage_dir}")
     protected = set()
     for pointer in stage_dir.rglob(LATEST):
         if pointer.is_file():
             protected.add(resolve_checkpoint(pointer).resolve())
-    steps = sorted((p for p in stage_dir.rglob("step_*") if p.is_dir() and STEP_RE.match(p.name)),
-                   key=lambda p: int(STEP_RE.match(p.name).group(1)))
-    doomed = [p for p in steps[:max(0, len(steps) - keep)] if p.resolve() not in protected]
+    runs: dict[Path, list[Path]] = {}
+    for path in stage_dir.rglob("step_*"):
+        if path.is_dir() and STEP_RE.match(path.name):
+            runs.setdefault(path.parent, []).append(path)
+    steps, doomed = [], []
+    for run_steps in runs.values():
+        run_steps.sort(key=lambda p: int(STEP_RE.match(p.name).group(1)))
+        steps += run_steps
+        doomed += [p for p in run_steps[:max(0, len(run_steps) - keep)] if p.resolve() not in protected]
     freed = 0
     for path in doomed:
         freed += directory_size(path)

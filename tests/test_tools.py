@@ -16,9 +16,9 @@ def run(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=120)
 
 
-def fake_stage(root: Path, steps: list[int], latest: str) -> Path:
+def fake_stage(root: Path, steps: list[int], latest: str, preset: str = "tiny") -> Path:
     """A pretrain stage dir whose step dirs are real HF-style dirs (config.json + run.json)."""
-    stage = root / "checkpoints" / "pretrain" / "tiny"
+    stage = root / "checkpoints" / "pretrain" / preset
     for step in steps:
         path = stage / f"step_{step}"
         path.mkdir(parents=True)
@@ -30,11 +30,13 @@ def fake_stage(root: Path, steps: list[int], latest: str) -> Path:
     return stage
 
 
-def test_cleanup_keeps_newest_and_what_latest_points_at(tmp_path):
+def test_cleanup_keeps_newest_of_each_run_and_what_latest_points_at(tmp_path):
     stage = fake_stage(tmp_path, [100, 200, 300, 400, 500], latest="step_100")
+    other = fake_stage(tmp_path, [1000, 2000, 3000], latest="final", preset="small")
     result = run("checkpoints.py", "cleanup", "--stage", "pretrain", "--keep", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in stage.iterdir() if p.is_dir()) == ["final", "step_100", "step_400", "step_500"]
+    assert sorted(p.name for p in other.iterdir() if p.is_dir()) == ["final", "step_2000", "step_3000"]
 
 
 def test_list_shows_step_loss_and_latest(tmp_path):

@@ -19,7 +19,7 @@ from utils.checkpoint import ADAPTER_CONFIG, CheckpointError, adapter_base_path,
 from utils.evaluation import ChoiceItem
 
 HUB = "hub"
-WIKITEXT_HUB = ("wikitext", "wikitext-2-raw-v1", "test")
+WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # the id "wikitext" moved there
 BOOLQ_HUB = ("google/boolq", None, "validation")
 MC_FIELDS = ("context", "choices", "answer")
 # A top-level WikiText heading line: " = Title = " (sections are " = = Title = = ").
