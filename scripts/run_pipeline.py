@@ -150,7 +150,7 @@ def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
     return evaluated
 
 
-def run_step(step: Step, state: dict, digest: str, resume: bool, log_dir: Path) -> float:
+def run_step(step: Step, state: dict, digest: str, resume: bool) -> float:
     command = step.command + (["--resume_from_checkpoint", "latest"] if resume else [])
     if step.resumable and not resume and step.output.exists():
         command.append("--overwrite_output_dir")
@@ -203,7 +203,7 @@ def main() -> int:
             continue
         resume = step.resumable and recorded.get("stamp") == digest and (step.output / LATEST).is_file()
         try:
-            timings[step.name] = run_step(step, state, digest, resume, work)
+            timings[step.name] = run_step(step, state, digest, resume)
         except StepFailed as failed:
             atomic_write_json(state_path, state)
             if failed.step.is_gate and args.force:
