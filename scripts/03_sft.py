@@ -16,12 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-from dataclasses import asdict  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from utils.chat_data import BUILTIN_SFT, load_sft_dataset, mix_in, split_eval, tokenize_sft  # noqa: E402
-from utils.checkpoint import CheckpointError, git_commit, sha256_file  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
 from utils.finetune import (  # noqa: E402
     HelpFormatter,
@@ -37,6 +36,7 @@ from utils.finetune import (  # noqa: E402
     load_settings,
     prepare_output,
     resolve_input,
+    run_record,
     save_outputs,
     trainable_parameters,
 )
@@ -112,12 +112,7 @@ def main() -> int:
     if held_out:
         summary.add(eval_loss_after=round(trainer.evaluate()["eval_loss"], 4))
 
-    run_info = {
-        "stage": "sft", "args": vars(args), "settings": asdict(settings), "base_model": str(model_dir),
-        "dataset": stats.as_dict(),
-        "dataset_sha256": sha256_file(args.dataset_path) if Path(args.dataset_path).is_file() else None,
-        "git_commit": git_commit(), "metrics": result.metrics, "global_step": trainer.state.global_step,
-    }
+    run_info = run_record("sft", args, settings, model_dir, stats, trainer, result)
     written = save_outputs(trainer, tokenizer, stage_dir, settings.prompt_template, run_info, model_dir, args.merge)
     summary.add(steps=trainer.state.global_step, train_loss=round(result.training_loss, 4),
                 train_seconds=round(result.metrics["train_runtime"], 1),

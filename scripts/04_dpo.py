@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-from dataclasses import asdict  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -28,7 +27,7 @@ from utils.chat_data import (  # noqa: E402
     load_preference_dataset,
     split_eval,
 )
-from utils.checkpoint import adapter_base_path, git_commit, sha256_file  # noqa: E402
+from utils.checkpoint import adapter_base_path  # noqa: E402
 from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
 from utils.finetune import (  # noqa: E402
     DPO_LOSS_TYPES,
@@ -47,6 +46,7 @@ from utils.finetune import (  # noqa: E402
     load_settings,
     prepare_output,
     resolve_input,
+    run_record,
     save_outputs,
     trainable_parameters,
 )
@@ -135,12 +135,7 @@ def main() -> int:
         after = trainer.evaluate()
         summary.add(eval_after={key: round(after[f"eval_{key}"], 4) for key in REPORTED})
 
-    run_info = {
-        "stage": "dpo", "args": vars(args), "settings": asdict(settings), "base_model": str(model_dir),
-        "template": template, "dataset": stats.as_dict(),
-        "dataset_sha256": sha256_file(args.dataset_path) if Path(args.dataset_path).is_file() else None,
-        "git_commit": git_commit(), "metrics": result.metrics, "global_step": trainer.state.global_step,
-    }
+    run_info = run_record("dpo", args, settings, model_dir, stats, trainer, result, template=template)
     written = save_outputs(trainer, tokenizer, stage_dir, template, run_info, base, args.merge)
     summary.add(steps=trainer.state.global_step, train_loss=round(result.training_loss, 4),
                 train_seconds=round(result.metrics["train_runtime"], 1), resumed_from=resume_from, **written)

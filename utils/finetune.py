@@ -32,7 +32,9 @@ from utils.checkpoint import (
     atomic_directory,
     atomic_write_json,
     describe_missing,
+    git_commit,
     resolve_checkpoint,
+    sha256_file,
     update_latest,
 )
 from utils.cli import progress
@@ -546,6 +548,17 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         save_template_name(tmp, template)
         atomic_write_json(tmp / "run.json", run_info)
+
+
+def run_record(stage: str, args: argparse.Namespace, settings: Any, model_dir: Path, stats: Any, trainer: Any,
+               result: Any, **extra: Any) -> dict[str, Any]:
+    """run.json of a fine-tuning stage: what ran, from which model, on what data, with which code, how it ended."""
+    dataset = Path(args.dataset_path)
+    return {
+        "stage": stage, "args": vars(args), "settings": dataclasses.asdict(settings), "base_model": str(model_dir),
+        **extra, "dataset": stats.as_dict(), "dataset_sha256": sha256_file(dataset) if dataset.is_file() else None,
+        "git_commit": git_commit(), "metrics": result.metrics, "global_step": trainer.state.global_step,
+    }
 
 
 def save_outputs(
