@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from utils.chat_data import DatasetStats, builtin_sft, tokenize_sft
-from utils.checkpoint import CheckpointError, adapter_base_path, load_model, verify_checkpoint
+from utils.checkpoint import CheckpointError, adapter_base_path, load_model, sha256_file, verify_checkpoint
 from utils.config import ConfigError
 from utils.finetune import SFTSettings, StageLogger, build_sft_trainer, load_base_model, load_settings, resolve_input
 from utils.metrics import read_metrics
@@ -98,6 +98,9 @@ def test_sft_writes_a_loadable_adapter_that_matches_its_merged_model(sft_run):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     events = {r["event"] for r in read_metrics(out / "metrics.jsonl")}
     assert events == {"train", "eval"}
+    run = json.loads((final / "run.json").read_text())  # what reproduces the run: data hash, settings, step
+    assert run["stage"] == "sft" and run["global_step"] == 6 and run["settings"]["prompt_template"] == "instruct"
+    assert run["dataset_sha256"] == sha256_file(out.parent / "data.jsonl")
 
 
 def test_sft_resume_continues_from_the_last_checkpoint(sft_run):
