@@ -212,28 +212,28 @@ def load_sources(args: argparse.Namespace, tasks: list[str], checkpoint: Path) -
     """Every data set the tasks need, read before the model loads so bad input fails fast; plus skip notes."""
     data: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    if "wikitext" in tasks:
-        if args.wikitext_path is None:
-            skipped["wikitext"] = "no --wikitext_path given (a raw file such as wiki.test.raw, or `hub` when online)"
-        else:
-            try:
-                data["wikitext"] = load_wikitext(args.wikitext_path, args.wikitext_limit)
-            except SourceUnavailable as err:
-                skipped["wikitext"] = str(err)
+    optional = {
+        "wikitext": (args.wikitext_path, "--wikitext_path", "a raw file such as wiki.test.raw",
+                     lambda: load_wikitext(args.wikitext_path, args.wikitext_limit)),
+        "boolq": (args.boolq_path, "--boolq_path", "a BoolQ JSONL file",
+                  lambda: load_boolq(args.boolq_path, args.boolq_limit)),
+    }
+    for task, (path, flag, example, load) in optional.items():
+        if task not in tasks:
+            continue
+        if path is None:
+            skipped[task] = f"no {flag} given ({example}, or `hub` when online)"
+            continue
+        try:
+            data[task] = load()
+        except SourceUnavailable as err:
+            skipped[task] = str(err)
     if "val" in tasks:
         val_dir, note = _val_data_dir(args.data_path, checkpoint)
         if val_dir is None:
             skipped["val"] = note
         else:
             data["val"] = val_dir
-    if "boolq" in tasks:
-        if args.boolq_path is None:
-            skipped["boolq"] = "no --boolq_path given (a BoolQ JSONL file, or `hub` when online)"
-        else:
-            try:
-                data["boolq"] = load_boolq(args.boolq_path, args.boolq_limit)
-            except SourceUnavailable as err:
-                skipped["boolq"] = str(err)
     if "mc" in tasks:
         if not args.mc_path:
             skipped["mc"] = "no --mc_path given"
