@@ -17,9 +17,12 @@ import multiprocessing
 import shutil
 import statistics
 import sys
+import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,19 +30,20 @@ from utils.checkpoint import atomic_directory, sha256_file  # noqa: E402
 from utils.cli import StageSummary, progress, run_main  # noqa: E402
 from utils.config import load_preset  # noqa: E402
 from utils.corpus import BUILTIN_NAME, python_version  # noqa: E402
+from utils.dedup import Deduplicator  # noqa: E402
 from utils.data import (  # noqa: E402
     TXT_SPLITS,
     CleanedDocument,
     CleaningSettings,
     DataError,
-    Deduplicator,
     ReadStats,
-    clean_document,
+    clean_documents,
     expand_inputs,
     is_validation,
+    load_filter_models,
     read_documents,
 )
-from utils.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer  # noqa: E402
+from utils.tokenizer import encode_documents, load_tokenizer, tokenizer_sha256, train_tokenizer  # noqa: E402
 from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, token_dtype  # noqa: E402
 
 FILTER_STEPS = ("code", "too_short", "too_long", "language", "exact_duplicate", "near_duplicate")
@@ -49,6 +53,8 @@ STEP_FLAGS = {
     "near_duplicate": "--use_minhash/--minhash_threshold",
 }
 CLEANED_FILE = "documents.tmp.jsonl"
+CLEAN_BATCH = 256  # documents per worker task: language ID and MinHash are vectorised over a batch
+TOKENIZE_BATCH = 64
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,13 +128,24 @@ def default_name(inputs: list[str]) -> str:
     return stem or "dataset"
 
 
-def parallel_map(function, items, num_proc: int, chunksize: int):
-    """Ordered map over a stream, in worker processes when num_proc > 1."""
+def batched(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def parallel_map(function, batches, num_proc: int):
+    """Ordered map over a stream of batches, in worker processes when num_proc > 1."""
     if num_proc == 1:
-        yield from map(function, items)
+        yield from map(function, batches)
         return
     with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-        yield from pool.imap(function, items, chunksize=chunksize)
+        yield from pool.imap(function, batches)
 
 
 class FilterReport:
@@ -186,16 +203,18 @@ class FilterReport:
 def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats: ReadStats, cleaned_path: Path | None):
     """Pass 1. Writes kept documents with their split to `cleaned_path` (None = validate only)."""
     report = FilterReport(settings)
-    dedup = Deduplicator(settings, args.minhash_threshold)
+    dedup = Deduplicator(settings.num_perm, args.minhash_threshold, near=settings.use_minhash)
     raw = read_documents(inputs, stats, args.text_field, args.txt_split, args.strict, args.dataset_config, args.split)
     if args.max_documents:
         raw = itertools.islice(raw, args.max_documents)
-    cleaned = parallel_map(partial(clean_document, settings=settings), raw, args.num_proc, chunksize=16)
+    load_filter_models(settings)
+    batches = parallel_map(partial(clean_documents, settings=settings), batched(raw, CLEAN_BATCH), args.num_proc)
+    cleaned = itertools.chain.from_iterable(batches)
     split_counts = Counter()
     sink = open(cleaned_path, "w", encoding="utf-8") if cleaned_path else None
     try:
         for document in progress(cleaned, desc="filter", unit="doc"):
-            removed_by = document.removed_by or dedup.duplicate_kind(document)
+            removed_by = document.removed_by or dedup.duplicate_kind(document.sha256, document.minhash)
             report.record(document, removed_by)
             if removed_by:
                 continue
@@ -218,39 +237,27 @@ def cleaned_texts(path: Path, split: str):
                 yield record["text"]
 
 
-_worker_tokenizer = None
+_worker_tokenizer = None  # set before the pool forks, so workers inherit it instead of loading it again
 
 
-def _encode_batch(texts: list[str], tokenizer_dir: str) -> list[list[int]]:
-    global _worker_tokenizer
-    if _worker_tokenizer is None:
-        _worker_tokenizer = load_tokenizer(tokenizer_dir)
-    eos = _worker_tokenizer.eos_token_id
-    return [ids + [eos] for ids in _worker_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
+    """The batch's documents as one array of ids, each document followed by EOS (one array pickles fast)."""
+    eos = [_worker_tokenizer.eos_token_id]
+    encoded = encode_documents(_worker_tokenizer, texts)
+    return np.fromiter(itertools.chain.from_iterable(ids + eos for ids in encoded), dtype=np.int64), len(texts)
 
 
-def batched(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def tokenize_split(cleaned_path: Path, split: str, tokenizer_dir: Path, out_dir: Path, dtype, num_proc: int, total: int):
+def tokenize_split(cleaned_path: Path, split: str, tokenizer, out_dir: Path, dtype, num_proc: int, total: int):
     """Pass 2 for one split: ordered parallel tokenisation streamed into `<split>.bin`."""
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
     writer = TokenFileWriter(out_dir / f"{split}.bin", dtype)
     try:
-        batches = batched(cleaned_texts(cleaned_path, split), 64)
-        encoded = parallel_map(partial(_encode_batch, tokenizer_dir=str(tokenizer_dir)), batches, num_proc, chunksize=1)
+        batches = batched(cleaned_texts(cleaned_path, split), TOKENIZE_BATCH)
         bar = progress(total=total, desc=f"tokenize {split}", unit="doc")
-        for batch in encoded:
-            for ids in batch:
-                writer.write_document(ids)
-            bar.update(len(batch))
+        for ids, documents in parallel_map(_encode_batch, batches, num_proc):
+            writer.write_documents(ids, documents)
+            bar.update(documents)
         bar.close()
     except BaseException:
         writer.abort()
@@ -274,15 +281,27 @@ def rebalance_empty_validation(cleaned_path: Path, split_counts: Counter) -> boo
 
 def prepare_tokenizer(args, cleaned_path: Path, tokenizer_dir: Path, vocab_size: int):
     if args.tokenizer_path:
-        source = Path(args.tokenizer_path)
-        load_tokenizer(source)
-        shutil.copytree(source, tokenizer_dir)
-        return load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(args.tokenizer_path)
+        shutil.copytree(args.tokenizer_path, tokenizer_dir)
+        return tokenizer
     print(f"training a {vocab_size}-token SentencePiece BPE tokenizer …", flush=True)
     return train_tokenizer(
         cleaned_texts(cleaned_path, "train"), vocab_size, tokenizer_dir, args.tokenizer_sample_bytes,
         num_threads=args.num_proc,
     )
+
+
+class PhaseTimer:
+    """Wall seconds of each phase, for the summary: where a long run spends its time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 2)
+        self.last = now
 
 
 def resolve_vocab_size(args) -> int:
@@ -317,14 +336,18 @@ def main() -> int:
     stats = ReadStats()
     with atomic_directory(output_dir) as tmp:
         cleaned_path = tmp / CLEANED_FILE
+        phases = PhaseTimer()
         report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_path)
         val_forced = rebalance_empty_validation(cleaned_path, split_counts)
+        phases.lap("filter")
         tokenizer = prepare_tokenizer(args, cleaned_path, tmp / TOKENIZER_DIR, vocab_size)
+        phases.lap("tokenizer")
         dtype = token_dtype(len(tokenizer))
         writers = {
-            split: tokenize_split(cleaned_path, split, tmp / TOKENIZER_DIR, tmp, dtype, args.num_proc, split_counts[split])
+            split: tokenize_split(cleaned_path, split, tokenizer, tmp, dtype, args.num_proc, split_counts[split])
             for split in ("train", "val")
         }
+        phases.lap("tokenize")
         cleaned_path.unlink()
         meta = {
             "vocab_size": len(tokenizer),
@@ -351,7 +374,7 @@ def main() -> int:
         removed={k: v for k, v in report.removed.items() if v}, malformed_records=stats.malformed,
         train_documents=meta["train_documents"], val_documents=meta["val_documents"],
         train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"], vocab_size=meta["vocab_size"],
-        characters_per_token=round(chars_per_token, 2),
+        characters_per_token=round(chars_per_token, 2), phase_seconds=phases.seconds,
     )
     summary.finish(output_dir)
     return 0

@@ -78,7 +78,7 @@ def processed_dir(tmp_path_factory, tokenizer_dir, corpus) -> Path:
     for split, docs in (("train", corpus[:-30]), ("val", corpus[-30:])):
         writer = TokenFileWriter(path / f"{split}.bin", dtype)
         for doc in docs:
-            writer.write_document(tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            writer.write_documents(tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
         writer.close()
         meta[f"{split}_tokens"], meta[f"{split}_documents"] = writer.tokens, writer.documents
     (path / META).write_text(json.dumps(meta))

@@ -8,24 +8,27 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from utils.data import (
+    CleanedDocument,
     CleaningSettings,
     DataError,
-    Deduplicator,
     ReadStats,
-    clean_document,
+    clean_documents,
     code_fraction,
     is_validation,
     normalize_text,
     read_documents,
     remove_urls,
 )
-from utils.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from utils.dedup import Deduplicator, combine_word_hashes, minhash_permutations, minhash_signatures
+from utils.language import MODEL_DEPTH, WARMUP_BYTES, LanguageIdentifier
+from utils.tokenizer import TokenizerError, encode_documents, load_tokenizer, train_tokenizer
 from utils.tokens import open_tokens, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +60,10 @@ def prose_documents(count: int) -> list[str]:
 # --------------------------------------------------------------------------- filters
 
 
+def clean(text: str, settings: CleaningSettings) -> CleanedDocument:
+    return clean_documents([text], settings)[0]
+
+
 def test_normalize_nfc_controls_and_whitespace():
     text = "Cafe\u0301 ok\x07 \u00a0tab\t \r\nline two   \n\n\n\nend  "
     assert normalize_text(text) == "Café ok  tab\nline two\n\nend"
@@ -69,33 +76,106 @@ def test_remove_urls_keeps_surrounding_prose():
 def test_code_heavy_documents_are_dropped_and_prose_kept():
     code = "def f(x):\n    return x\nimport os\nx = 1\nprint(x)\n"
     assert code_fraction(code) > 0.5
-    assert clean_document(code * 5, CleaningSettings(language=None)).removed_by == "code"
-    assert clean_document(PROSE, CleaningSettings(language=None)).removed_by is None
+    assert clean(code * 5, CleaningSettings(language=None)).removed_by == "code"
+    assert clean(PROSE, CleaningSettings(language=None)).removed_by is None
 
 
 def test_length_filters():
     settings = CleaningSettings(language=None, min_length=100, max_length=150, use_minhash=False)
-    assert clean_document("short text", settings).removed_by == "too_short"
-    assert clean_document(PROSE * 3, settings).removed_by == "too_long"
-    assert clean_document(PROSE[:120], settings).removed_by is None
+    assert clean("short text", settings).removed_by == "too_short"
+    assert clean(PROSE * 3, settings).removed_by == "too_long"
+    assert clean(PROSE[:120], settings).removed_by is None
 
 
 def test_language_filter_keeps_english_drops_german():
     settings = CleaningSettings(language="en", use_minhash=False)
     german = "Der schnelle braune Fuchs springt über den faulen Hund, und die Kinder schauen aus dem Garten zu."
-    assert clean_document(PROSE, settings).removed_by is None
-    dropped = clean_document(german, settings)
+    assert clean(PROSE, settings).removed_by is None
+    dropped = clean(german, settings)
     assert (dropped.removed_by, dropped.language) == ("language", "de")
 
 
 def test_exact_and_near_duplicates_keep_first_of_cluster():
     settings = CleaningSettings(language=None)
-    dedup = Deduplicator(settings, threshold=0.8)
+    dedup = Deduplicator(settings.num_perm, threshold=0.8)
     base = " ".join(f"word{i}" for i in range(300))
     near = base.replace("word150", "changed150")  # ~98 % of shingles shared
     different = " ".join(f"other{i}" for i in range(300))
-    kinds = [dedup.duplicate_kind(clean_document(t, settings)) for t in (base, base, near, different)]
+    documents = clean_documents([base, base, near, different], settings)
+    kinds = [dedup.duplicate_kind(d.sha256, d.minhash) for d in documents]
     assert kinds == [None, "exact_duplicate", "near_duplicate", None]
+
+
+MANY_LANGUAGES = [
+    PROSE,
+    "Der schnelle braune Fuchs springt über den faulen Hund, und die Kinder schauen aus dem Garten zu.",
+    "Le renard brun rapide saute par-dessus le chien paresseux pendant que les enfants regardent.",
+    "El rápido zorro marrón salta sobre el perro perezoso mientras los niños miran desde el jardín.",
+    "Быстрая коричневая лиса прыгает через ленивую собаку, а дети смотрят из сада.",
+    "敏捷的棕色狐狸跳过了懒狗，孩子们在花园里看着。",
+    "素早い茶色の狐が怠け者の犬を飛び越え、子供たちが庭から見ている。",
+    "الثعلب البني السريع يقفز فوق الكلب الكسول بينما يشاهد الأطفال من الحديقة.",
+    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG AND THE CHILDREN WATCH.",
+    "ok",
+    "1234 5678 !!!",
+    PROSE * 40 + "Und dann kam der Hund nach Hause.",  # longer than the 4000 characters language ID reads
+    "Mixed: the dog und der Hund et le chien y el perro.",
+]
+
+
+def test_batch_language_id_matches_py3langid():
+    from py3langid.langid import MODEL_FILE
+    from py3langid.langid import LanguageIdentifier as Py3LangId
+
+    reference = Py3LangId.from_model_file(MODEL_FILE, norm_probs=True)
+    ours = LanguageIdentifier().classify(MANY_LANGUAGES)
+    for text, (language, probability) in zip(MANY_LANGUAGES, ours):
+        expected_language, expected_probability = reference.classify(text[:4000])
+        assert language == expected_language, text[:40]
+        assert probability == pytest.approx(expected_probability, abs=1e-4), text[:40]
+
+
+def test_language_model_state_depends_only_on_the_last_warmup_bytes():
+    """The batch walk restarts segments WARMUP_BYTES early; that is exact only while no DFA state lies
+    deeper than that from the start state (a newer py3langid model could)."""
+    model = LanguageIdentifier()
+    depth = np.full(len(model.row_start), -1)
+    depth[0], frontier, level = 0, np.array([0]), 0
+    while len(frontier):
+        level += 1
+        reached = np.unique(model.next_state[(model.row_start[frontier][:, None] + np.arange(256)).ravel()])
+        frontier = reached[depth[reached] < 0]
+        depth[frontier] = level
+    assert depth.max() == MODEL_DEPTH <= WARMUP_BYTES
+    assert (depth >= 0).all()
+
+
+def test_language_model_is_cached_once_and_works_without_a_writable_cache(tmp_path, monkeypatch):
+    import utils.language
+
+    monkeypatch.setenv("MINI_LLM_CACHE", str(tmp_path / "cache"))
+    first = LanguageIdentifier().classify([PROSE])
+    assert len(list((tmp_path / "cache").glob("py3langid-*/*.npy"))) == 6
+    monkeypatch.setattr(utils.language.lzma, "open", lambda *a, **k: pytest.fail("unpacked the model again"))
+    assert LanguageIdentifier().classify([PROSE]) == first
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("MINI_LLM_CACHE", str(tmp_path / "file" / "cache"))
+    assert LanguageIdentifier().classify([PROSE]) == first
+
+
+def test_minhash_signatures_equal_datasketch_minhash_of_the_shingles():
+    from datasketch import MinHash
+
+    texts = [PROSE, "Two words", "", "exactly five words in here", PROSE.upper() + " and six more words"]
+    assert np.array_equal(minhash_permutations(64), MinHash(num_perm=64, seed=1, scheme="affine32").permutations)
+    signatures = minhash_signatures(texts, num_perm=64, shingle_size=5)
+    for text, signature in zip(texts, signatures):
+        word_hashes = [zlib.crc32(w.encode()) for w in text.lower().replace(".", " ").replace(",", " ").split()]
+        shingles = [word_hashes[i:i + 5] for i in range(max(1, len(word_hashes) - 4))]
+        expected = MinHash(num_perm=64, seed=1, scheme="affine32", hashfunc=combine_word_hashes)
+        expected.update_batch(shingles)
+        assert np.array_equal(signature, expected.hashvalues), text[:40]
 
 
 def test_split_is_seeded_order_independent_and_close_to_fraction():
@@ -188,6 +268,7 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
     assert chat_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
+    assert encode_documents(tokenizer, [text, chat, ""]) == [ids, chat_ids, []]  # the fast path stage 01 uses
 
 
 def test_vocab_too_large_or_too_small_for_corpus_is_a_clear_error(tmp_path):

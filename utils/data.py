@@ -9,7 +9,6 @@ import io
 import json
 import re
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from utils.corpus import BUILTIN_NAME, builtin_documents
+from utils.dedup import minhash_permutations, minhash_signatures, text_sha256
+from utils.language import LanguageIdentifier
 
 TEXT_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")  # .raw: plain text, as WikiText ships
 TEXT_FIELD_CANDIDATES = ("text", "content", "document", "body", "story", "article", "passage")
@@ -261,8 +262,6 @@ CODE_LINE_RE = re.compile(
     r"^\s*(?:>>>|\.\.\.|def |class |import |from \S+ import|return\b|if .*:$|for .*:$|while .*:$|[{}();]\s*$|#include|"
     r"\w+\s*=\s*\S+\s*$|\w+\(.*\)\s*$)"
 )
-WORD_RE = re.compile(r"\w+")
-MINHASH_SCHEME = "affine32"
 
 
 def normalize_text(text: str) -> str:
@@ -271,11 +270,15 @@ def normalize_text(text: str) -> str:
     text = CONTROL_RE.sub("", text)
     text = UNICODE_SPACE_RE.sub(" ", text)
     text = SPACE_RE.sub("", text)
-    return BLANK_LINES_RE.sub("\n\n", text).strip()
+    if "\n\n\n" in text:  # the checks before the regexes skip most documents for a fraction of the cost
+        text = BLANK_LINES_RE.sub("\n\n", text)
+    return text.strip()
 
 
 def remove_urls(text: str) -> str:
-    return URL_RE.sub("", text)
+    if "://" in text or "www." in text.lower():
+        return URL_RE.sub("", text)
+    return text
 
 
 def code_fraction(text: str) -> float:
@@ -284,24 +287,6 @@ def code_fraction(text: str) -> float:
     if not lines:
         return 0.0
     return sum(bool(CODE_LINE_RE.match(line)) for line in lines) / len(lines)
-
-
-class LanguageFilter:
-    """py3langid's offline model (shipped inside the package as numpy arrays, no pickle)."""
-
-    def __init__(self, language: str, threshold: float):
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        self.language = language
-        self.threshold = threshold
-
-    def detect(self, text: str) -> tuple[str, float]:
-        language, probability = self.identifier.classify(text[:4000])
-        return language, float(probability)
-
-    def keeps(self, language: str, probability: float) -> bool:
-        return language == self.language and probability >= self.threshold
 
 
 @dataclass(frozen=True)
@@ -321,7 +306,7 @@ class CleaningSettings:
 
 @dataclass
 class CleanedDocument:
-    """One document after the per-document filters (run in worker processes)."""
+    """One document after the per-document filters."""
 
     text: str
     removed_by: str | None = None
@@ -330,90 +315,58 @@ class CleanedDocument:
     minhash: np.ndarray | None = None
 
 
-def shingles(text: str, size: int) -> set[bytes]:
-    words = WORD_RE.findall(text.lower())
-    if len(words) <= size:
-        return {" ".join(words).encode("utf-8")}
-    return {" ".join(words[i:i + size]).encode("utf-8") for i in range(len(words) - size + 1)}
-
-
-_language_filter: LanguageFilter | None = None
-
-
-def clean_document(text: str, settings: CleaningSettings) -> CleanedDocument:
-    """Applies the per-document steps in order; the first step that rejects names itself in `removed_by`."""
-    global _language_filter
-    if settings.normalize:
-        text = normalize_text(text)
-    if settings.remove_urls:
-        text = remove_urls(text)
+def _length_or_code_rejection(text: str, settings: CleaningSettings) -> str | None:
     if settings.drop_code and code_fraction(text) > settings.code_threshold:
-        return CleanedDocument(text, "code")
+        return "code"
     if len(text) < settings.min_length:
-        return CleanedDocument(text, "too_short")
+        return "too_short"
     if settings.max_length and len(text) > settings.max_length:
-        return CleanedDocument(text, "too_long")
-    document = CleanedDocument(text)
+        return "too_long"
+    return None
+
+
+@lru_cache(maxsize=1)
+def language_identifier() -> LanguageIdentifier:
+    return LanguageIdentifier()
+
+
+def load_filter_models(settings: CleaningSettings) -> None:
+    """Loads what the filters need once, before worker processes fork and share it."""
     if settings.language:
-        if _language_filter is None or _language_filter.language != settings.language:
-            _language_filter = LanguageFilter(settings.language, settings.language_threshold)
-        document.language, probability = _language_filter.detect(text)
-        if not _language_filter.keeps(document.language, probability):
-            document.removed_by = "language"
-            return document
-    document.sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        language_identifier()
     if settings.use_minhash:
-        document.minhash = minhash_signature(text, settings)
-    return document
+        minhash_permutations(settings.num_perm)
 
 
-@lru_cache(maxsize=4)
-def _minhash_permutations(num_perm: int):
-    from datasketch import MinHash
-
-    return MinHash(num_perm=num_perm, seed=1, scheme=MINHASH_SCHEME).permutations
-
-
-def minhash_signature(text: str, settings: CleaningSettings) -> np.ndarray:
-    """MinHash of the document's word shingles; permutations are built once and crc32 hashes the shingles
-    (both dominate the cost otherwise)."""
-    from datasketch import MinHash
-
-    minhash = MinHash(
-        num_perm=settings.num_perm, seed=1, hashfunc=zlib.crc32, scheme=MINHASH_SCHEME,
-        permutations=_minhash_permutations(settings.num_perm),
-    )
-    minhash.update_batch(list(shingles(text, settings.shingle_size)))
-    return minhash.hashvalues
+def _identify_languages(documents: list[CleanedDocument], settings: CleaningSettings) -> None:
+    for document, (language, probability) in zip(
+        documents, language_identifier().classify([d.text for d in documents])
+    ):
+        document.language = language
+        if language != settings.language or probability < settings.language_threshold:
+            document.removed_by = "language"
 
 
-class Deduplicator:
-    """Exact (sha256) and near (MinHash LSH) dedup; keeps the first document of each cluster."""
-
-    def __init__(self, settings: CleaningSettings, threshold: float):
-        self.seen: set[bytes] = set()
-        self.lsh = None
-        self.settings = settings
-        if settings.use_minhash:
-            from datasketch import MinHashLSH
-
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=settings.num_perm)
-        self.count = 0
-
-    def duplicate_kind(self, document: CleanedDocument) -> str | None:
-        digest = bytes.fromhex(document.sha256)
-        if digest in self.seen:
-            return "exact_duplicate"
-        self.seen.add(digest)
-        if self.lsh is not None and document.minhash is not None:
-            from datasketch import LeanMinHash
-
-            minhash = LeanMinHash(seed=1, hashvalues=document.minhash, scheme=MINHASH_SCHEME)
-            if self.lsh.query(minhash):
-                return "near_duplicate"
-            self.lsh.insert(self.count, minhash, check_duplication=False)
-            self.count += 1
-        return None
+def clean_documents(texts: list[str], settings: CleaningSettings) -> list[CleanedDocument]:
+    """Applies the per-document steps in order to a batch (one worker task); the first step that rejects a
+    document names itself in its `removed_by`. Survivors get their sha256 and MinHash signature."""
+    documents = []
+    for text in texts:
+        if settings.normalize:
+            text = normalize_text(text)
+        if settings.remove_urls:
+            text = remove_urls(text)
+        documents.append(CleanedDocument(text, _length_or_code_rejection(text, settings)))
+    if settings.language:
+        _identify_languages([d for d in documents if not d.removed_by], settings)
+    kept = [d for d in documents if not d.removed_by]
+    for document in kept:
+        document.sha256 = text_sha256(document.text)
+    if settings.use_minhash and kept:
+        signatures = minhash_signatures([d.text for d in kept], settings.num_perm, settings.shingle_size)
+        for document, signature in zip(kept, signatures):
+            document.minhash = signature
+    return documents
 
 
 def is_validation(document_sha256: str, seed: int, val_fraction: float) -> bool:

@@ -37,11 +37,12 @@ class TokenFileWriter:
         self.tokens = 0
         self.documents = 0
 
-    def write_document(self, ids: list[int] | np.ndarray) -> None:
+    def write_documents(self, ids: list[int] | np.ndarray, documents: int = 1) -> None:
+        """Appends the ids of `documents` whole documents (each already ending in EOS)."""
         array = np.asarray(ids, dtype=self.dtype)
         self.handle.write(array.tobytes())
         self.tokens += len(array)
-        self.documents += 1
+        self.documents += documents
 
     def close(self) -> None:
         self.handle.flush()
