@@ -3,8 +3,9 @@
 stage's fixed start-up cost) and through tokenisation alone, peak RSS of the stage, and the MinHash index's
 memory per document.
 
-Input: the public text under ../shared/data when present (TinyStories, tiny shakespeare, WikiText-2 valid),
-else the built-in corpus. Writes bench/results/prepare.json.
+Input: the public prose under ../shared/data when present (TinyStories, tiny shakespeare, WikiText-2 valid and
+test, BoolQ passages, 6.1 MB of text), else the built-in corpus. MB are UTF-8 bytes of the documents' text.
+Writes bench/results/prepare.json.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,10 @@ from utils.data import CleaningSettings, ReadStats, clean_documents, read_docume
 from utils.dedup import Deduplicator  # noqa: E402
 from utils.tokenizer import encode_documents, load_tokenizer  # noqa: E402
 
-SHARED_TEXT = ["tinystories/tinystories_head.txt", "tinyshakespeare/input.txt", "wikitext-2-raw/wiki.valid.raw"]
+SHARED_TEXT = [
+    "tinystories/tinystories_head.txt", "tinyshakespeare/input.txt", "wikitext-2-raw/wiki.valid.raw",
+    "wikitext-2-raw/wiki.test.raw", "boolq/dev.jsonl",
+]
 
 
 def bench_inputs(work: Path) -> list[str]:
@@ -53,8 +58,8 @@ def run_stage(inputs: list[str], out: Path, num_proc: int, extra: list[str]) -> 
         sys.exit(f"stage 01 failed:\n{done.stderr}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     summary = json.loads((out / "summary.json").read_text())
-    return {"seconds": summary["seconds"], "peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
-            "tokens": summary["train_tokens"] + summary["val_tokens"]}
+    return {"seconds": summary["seconds"], "phase_seconds": summary["phase_seconds"],
+            "peak_rss_mib": round(max(peak_kib, before) / 1024, 1), "tokens": summary["train_tokens"] + summary["val_tokens"]}
 
 
 def tokenisation_alone(inputs: list[str], tokenizer_dir: Path) -> float:
@@ -78,37 +83,51 @@ def minhash_bytes_per_document(inputs: list[str], count: int = 2000) -> float:
     return size / len(docs)
 
 
+def measure_round(inputs: list[str], work: Path, tokenizer_dir: Path) -> dict:
+    """One round: the stage with 1 and 2 processes, its fixed cost, and tokenisation alone, back to back so
+    that all four see the same machine load."""
+    reuse = ["--tokenizer_path", str(tokenizer_dir)]
+    one = run_stage(inputs, work / "p1", 1, reuse)
+    two = run_stage(inputs, work / "p2", 2, reuse)
+    # The stage's fixed cost (imports, worker start-up, tokenizer load) on a few documents: what remains
+    # is the streaming throughput a large corpus sees.
+    fixed = run_stage(inputs, work / "fixed", 2, [*reuse, "--max_documents", "20", "--val_fraction", "0.5"])
+    return {"one": one, "two": two, "fixed": fixed["seconds"], "alone": tokenisation_alone(inputs, tokenizer_dir)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", default="bench/results/prepare.json")
     parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=3, help="measurement rounds; medians are reported")
     args = parser.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         inputs = bench_inputs(work)
-        raw_mb = sum(Path(p).stat().st_size for p in inputs) / 1e6
+        raw_mb = sum(len(d.encode("utf-8")) for d in read_documents(inputs, ReadStats())) / 1e6
         trained = run_stage(inputs, work / "trained", 2, ["--vocab_size", str(args.vocab_size)])
-        reuse = ["--tokenizer_path", str(work / "trained" / "tokenizer")]
-        one = run_stage(inputs, work / "p1", 1, reuse)
-        two = run_stage(inputs, work / "p2", 2, reuse)
-        # The stage's fixed cost (imports, worker start-up, tokenizer load) on a few documents: what remains
-        # is the streaming throughput a large corpus sees.
-        fixed = run_stage(inputs, work / "fixed", 2, [*reuse, "--max_documents", "20", "--val_fraction", "0.5"])
-        alone = tokenisation_alone(inputs, work / "trained" / "tokenizer")
+        rounds = [measure_round(inputs, work, work / "trained" / "tokenizer") for _ in range(args.rounds)]
+        one = statistics.median(r["one"]["seconds"] for r in rounds)
+        two = statistics.median(r["two"]["seconds"] for r in rounds)
+        fixed = statistics.median(r["fixed"] for r in rounds)
+        alone = statistics.median(r["alone"] for r in rounds)
         result = {
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                         "python": platform.python_version()},
-            "inputs": inputs, "raw_mb": round(raw_mb, 3), "vocab_size": args.vocab_size,
+            "inputs": inputs, "raw_mb": round(raw_mb, 3), "vocab_size": args.vocab_size, "rounds": args.rounds,
             "stage_with_tokenizer_training_num_proc_2_mb_s": round(raw_mb / trained["seconds"], 3),
-            "stage_num_proc_1_mb_s": round(raw_mb / one["seconds"], 3),
-            "stage_num_proc_2_mb_s": round(raw_mb / two["seconds"], 3),
-            "stage_fixed_seconds": fixed["seconds"],
-            "stage_num_proc_2_streaming_mb_s": round(raw_mb / (two["seconds"] - fixed["seconds"]), 3),
+            "stage_num_proc_1_mb_s": round(raw_mb / one, 3),
+            "stage_num_proc_2_mb_s": round(raw_mb / two, 3),
+            "stage_num_proc_2_phase_seconds": rounds[-1]["two"]["phase_seconds"],
+            "stage_fixed_seconds": fixed,
+            "stage_num_proc_2_streaming_mb_s": round(raw_mb / (two - fixed), 3),
             "tokenisation_alone_1_process_mb_s": round(raw_mb / alone, 3),
-            "peak_rss_mib": max(trained["peak_rss_mib"], one["peak_rss_mib"], two["peak_rss_mib"]),
+            "stage_num_proc_2_vs_tokenisation_alone_per_round": [
+                round(r["alone"] / r["two"]["seconds"], 3) for r in rounds],
+            "peak_rss_mib": max(r[n]["peak_rss_mib"] for r in rounds for n in ("one", "two")),
             "minhash_index_bytes_per_document": round(minhash_bytes_per_document(inputs)),
-            "tokens": two["tokens"],
+            "tokens": rounds[-1]["two"]["tokens"],
         }
         for name in ("stage_num_proc_2_mb_s", "stage_num_proc_2_streaming_mb_s"):
             result[name.replace("_mb_s", "_vs_tokenisation_alone")] = round(

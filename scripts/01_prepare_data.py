@@ -11,6 +11,8 @@ leaves nothing that looks complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import itertools
 import json
 import multiprocessing
@@ -52,9 +54,9 @@ STEP_FLAGS = {
     "language": "--language/--language_threshold", "exact_duplicate": "(exact dedup)",
     "near_duplicate": "--use_minhash/--minhash_threshold",
 }
-CLEANED_FILE = "documents.tmp.jsonl"
 CLEAN_BATCH = 256  # documents per worker task: language ID and MinHash are vectorised over a batch
-TOKENIZE_BATCH = 64
+TOKENIZE_CHUNK_BYTES = 1 << 16  # of cleaned text per worker task
+SPLITS = ("train", "val")
 
 
 def parse_args() -> argparse.Namespace:
@@ -200,8 +202,24 @@ class FilterReport:
         }
 
 
-def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats: ReadStats, cleaned_path: Path | None):
-    """Pass 1. Writes kept documents with their split to `cleaned_path` (None = validate only)."""
+@contextlib.contextmanager
+def paused_garbage_collection():
+    """The dedup index grows to millions of small sets that no reference cycle involves; the garbage
+    collector's full passes would re-scan all of them, again and again as it grows."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def cleaned_file(directory: Path, split: str) -> Path:
+    """Pass 1's output for one split: one JSON string (a kept document) per line."""
+    return directory / f"{split}.documents.tmp"
+
+
+def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats: ReadStats, cleaned_dir: Path | None):
+    """Pass 1. Writes kept documents to one file per split in `cleaned_dir` (None = validate only)."""
     report = FilterReport(settings)
     dedup = Deduplicator(settings.num_perm, args.minhash_threshold, near=settings.use_minhash)
     raw = read_documents(inputs, stats, args.text_field, args.txt_split, args.strict, args.dataset_config, args.split)
@@ -209,84 +227,100 @@ def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats:
         raw = itertools.islice(raw, args.max_documents)
     load_filter_models(settings)
     batches = parallel_map(partial(clean_documents, settings=settings), batched(raw, CLEAN_BATCH), args.num_proc)
-    cleaned = itertools.chain.from_iterable(batches)
     split_counts = Counter()
-    sink = open(cleaned_path, "w", encoding="utf-8") if cleaned_path else None
-    try:
-        for document in progress(cleaned, desc="filter", unit="doc"):
+    with contextlib.ExitStack() as files, paused_garbage_collection():
+        sinks = {
+            split: files.enter_context(open(cleaned_file(cleaned_dir, split), "w", encoding="utf-8", buffering=1 << 20))
+            for split in SPLITS
+        } if cleaned_dir else {}
+        for document in progress(itertools.chain.from_iterable(batches), desc="filter", unit="doc"):
             removed_by = document.removed_by or dedup.duplicate_kind(document.sha256, document.minhash)
             report.record(document, removed_by)
             if removed_by:
                 continue
             split = "val" if is_validation(document.sha256, args.seed, args.val_fraction) else "train"
             split_counts[split] += 1
-            if sink:
-                sink.write(json.dumps({"split": split, "text": document.text}) + "\n")
-    finally:
-        if sink:
-            sink.close()
+            if sinks:
+                sinks[split].write(json.dumps(document.text) + "\n")
     report.check_not_empty(stats.records)
     return report, split_counts
 
 
-def cleaned_texts(path: Path, split: str):
+def cleaned_texts(path: Path):
     with open(path, encoding="utf-8") as handle:
         for line in handle:
-            record = json.loads(line)
-            if record["split"] == split:
-                yield record["text"]
+            yield json.loads(line)
+
+
+def line_ranges(path: Path, chunk_bytes: int):
+    """(path, start, end) byte ranges of about `chunk_bytes` that end at line ends, in file order."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        start = 0
+        while start < size:
+            handle.seek(min(start + chunk_bytes, size))
+            handle.readline()
+            yield path, start, handle.tell()
+            start = handle.tell()
 
 
 _worker_tokenizer = None  # set before the pool forks, so workers inherit it instead of loading it again
 
 
-def _encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
-    """The batch's documents as one array of ids, each document followed by EOS (one array pickles fast)."""
+def _encode_range(job: tuple[Path, int, int]) -> tuple[Path, np.ndarray, int]:
+    """The documents in one byte range of a cleaned file as one array of ids, each document followed by EOS.
+    Workers read their own ranges, so the main process only writes what comes back."""
+    path, start, end = job
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        texts = [json.loads(line) for line in handle.read(end - start).splitlines()]
     eos = [_worker_tokenizer.eos_token_id]
     encoded = encode_documents(_worker_tokenizer, texts)
-    return np.fromiter(itertools.chain.from_iterable(ids + eos for ids in encoded), dtype=np.int64), len(texts)
+    return path, np.fromiter(itertools.chain.from_iterable(ids + eos for ids in encoded), dtype=np.int64), len(texts)
 
 
-def tokenize_split(cleaned_path: Path, split: str, tokenizer, out_dir: Path, dtype, num_proc: int, total: int):
-    """Pass 2 for one split: ordered parallel tokenisation streamed into `<split>.bin`."""
+def tokenize_splits(cleaned_dir: Path, tokenizer, out_dir: Path, dtype, num_proc: int, total: int):
+    """Pass 2: ordered parallel tokenisation streamed into `train.bin` and `val.bin`."""
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
-    writer = TokenFileWriter(out_dir / f"{split}.bin", dtype)
+    writers = {cleaned_file(cleaned_dir, split): TokenFileWriter(out_dir / f"{split}.bin", dtype) for split in SPLITS}
+    jobs = itertools.chain.from_iterable(line_ranges(path, TOKENIZE_CHUNK_BYTES) for path in writers)
     try:
-        batches = batched(cleaned_texts(cleaned_path, split), TOKENIZE_BATCH)
-        bar = progress(total=total, desc=f"tokenize {split}", unit="doc")
-        for ids, documents in parallel_map(_encode_batch, batches, num_proc):
-            writer.write_documents(ids, documents)
+        bar = progress(total=total, desc="tokenize", unit="doc")
+        for path, ids, documents in parallel_map(_encode_range, jobs, num_proc):
+            writers[path].write_documents(ids, documents)
             bar.update(documents)
         bar.close()
     except BaseException:
-        writer.abort()
+        for writer in writers.values():
+            writer.abort()
         raise
-    writer.close()
-    return writer
+    for writer in writers.values():
+        writer.close()
+    return {split: writers[cleaned_file(cleaned_dir, split)] for split in SPLITS}
 
 
-def rebalance_empty_validation(cleaned_path: Path, split_counts: Counter) -> bool:
+def rebalance_empty_validation(cleaned_dir: Path, split_counts: Counter) -> bool:
     """A tiny corpus can hash no document into validation; then the last training document moves there."""
     if split_counts["val"] or split_counts["train"] < 2:
         return False
-    lines = cleaned_path.read_text(encoding="utf-8").splitlines()
-    last = max(i for i, line in enumerate(lines) if json.loads(line)["split"] == "train")
-    lines[last] = json.dumps({"split": "val", "text": json.loads(lines[last])["text"]})
-    cleaned_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train, val = cleaned_file(cleaned_dir, "train"), cleaned_file(cleaned_dir, "val")
+    lines = train.read_text(encoding="utf-8").splitlines(keepends=True)
+    train.write_text("".join(lines[:-1]), encoding="utf-8")
+    val.write_text(lines[-1], encoding="utf-8")
     split_counts["train"] -= 1
     split_counts["val"] += 1
     return True
 
 
-def prepare_tokenizer(args, cleaned_path: Path, tokenizer_dir: Path, vocab_size: int):
+def prepare_tokenizer(args, cleaned_dir: Path, tokenizer_dir: Path, vocab_size: int):
     if args.tokenizer_path:
         tokenizer = load_tokenizer(args.tokenizer_path)
         shutil.copytree(args.tokenizer_path, tokenizer_dir)
         return tokenizer
     print(f"training a {vocab_size}-token SentencePiece BPE tokenizer …", flush=True)
     return train_tokenizer(
-        cleaned_texts(cleaned_path, "train"), vocab_size, tokenizer_dir, args.tokenizer_sample_bytes,
+        cleaned_texts(cleaned_file(cleaned_dir, "train")), vocab_size, tokenizer_dir, args.tokenizer_sample_bytes,
         num_threads=args.num_proc,
     )
 
@@ -312,7 +346,7 @@ def resolve_vocab_size(args) -> int:
 
 def validation_report(args, inputs, settings) -> int:
     stats = ReadStats()
-    report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_path=None)
+    report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_dir=None)
     result = {
         "inputs": inputs, "read": stats.as_dict(), "filters": report.steps(stats.records),
         "kept_documents": report.kept, "split": dict(split_counts), "length_chars": report.length_distribution(),
@@ -335,20 +369,17 @@ def main() -> int:
     summary = StageSummary("01_prepare_data", inputs=inputs, output_dir=str(output_dir))
     stats = ReadStats()
     with atomic_directory(output_dir) as tmp:
-        cleaned_path = tmp / CLEANED_FILE
         phases = PhaseTimer()
-        report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_path)
-        val_forced = rebalance_empty_validation(cleaned_path, split_counts)
+        report, split_counts = filter_documents(args, inputs, settings, stats, tmp)
+        val_forced = rebalance_empty_validation(tmp, split_counts)
         phases.lap("filter")
-        tokenizer = prepare_tokenizer(args, cleaned_path, tmp / TOKENIZER_DIR, vocab_size)
+        tokenizer = prepare_tokenizer(args, tmp, tmp / TOKENIZER_DIR, vocab_size)
         phases.lap("tokenizer")
         dtype = token_dtype(len(tokenizer))
-        writers = {
-            split: tokenize_split(cleaned_path, split, tokenizer, tmp, dtype, args.num_proc, split_counts[split])
-            for split in ("train", "val")
-        }
+        writers = tokenize_splits(tmp, tokenizer, tmp, dtype, args.num_proc, sum(split_counts.values()))
         phases.lap("tokenize")
-        cleaned_path.unlink()
+        for split in SPLITS:
+            cleaned_file(tmp, split).unlink()
         meta = {
             "vocab_size": len(tokenizer),
             "dtype": dtype.name,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from utils.data import (
     read_documents,
     remove_urls,
 )
-from utils.dedup import Deduplicator, combine_word_hashes, minhash_permutations, minhash_signatures
+from utils.dedup import Deduplicator, combine_word_hashes, minhash_permutations, minhash_signatures, word_hash
 from utils.language import MODEL_DEPTH, WARMUP_BYTES, LanguageIdentifier
 from utils.tokenizer import TokenizerError, encode_documents, load_tokenizer, train_tokenizer
 from utils.tokens import open_tokens, read_meta
@@ -167,12 +167,13 @@ def test_language_model_is_cached_once_and_works_without_a_writable_cache(tmp_pa
 def test_minhash_signatures_equal_datasketch_minhash_of_the_shingles():
     from datasketch import MinHash
 
-    texts = [PROSE, "Two words", "", "exactly five words in here", PROSE.upper() + " and six more words"]
+    texts = [PROSE, "Two words", "", "exactly five words in here", PROSE.upper() + " and six more words",
+             "İstanbul'da ΣΊΣΥΦΟΣ und Straße — don’t 中文字 snake_case 42"]
     assert np.array_equal(minhash_permutations(64), MinHash(num_perm=64, seed=1, scheme="affine32").permutations)
     signatures = minhash_signatures(texts, num_perm=64, shingle_size=5)
     for text, signature in zip(texts, signatures):
-        word_hashes = [zlib.crc32(w.encode()) for w in text.lower().replace(".", " ").replace(",", " ").split()]
-        shingles = [word_hashes[i:i + 5] for i in range(max(1, len(word_hashes) - 4))]
+        hashes = [word_hash(word) for word in re.findall(r"\w+", text.lower())]
+        shingles = [hashes[i:i + 5] for i in range(max(1, len(hashes) - 4))]
         expected = MinHash(num_perm=64, seed=1, scheme="affine32", hashfunc=combine_word_hashes)
         expected.update_batch(shingles)
         assert np.array_equal(signature, expected.hashvalues), text[:40]

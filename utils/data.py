@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from utils.corpus import BUILTIN_NAME, builtin_documents
-from utils.dedup import minhash_permutations, minhash_signatures, text_sha256
+from utils.dedup import minhash_permutations, minhash_signatures, text_sha256, word_characters
 from utils.language import LanguageIdentifier
 
 TEXT_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")  # .raw: plain text, as WikiText ships
@@ -336,6 +336,7 @@ def load_filter_models(settings: CleaningSettings) -> None:
         language_identifier()
     if settings.use_minhash:
         minhash_permutations(settings.num_perm)
+        word_characters()
 
 
 def _identify_languages(documents: list[CleanedDocument], settings: CleaningSettings) -> None:

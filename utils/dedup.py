@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zlib
 from functools import lru_cache
 
 import numpy as np
 
 MINHASH_SCHEME = "affine32"
-WORD_RE = re.compile(r"\w+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier that combines a shingle's word hashes
 _MASK64 = (1 << 64) - 1
+_WORD_PRIME = 0x100000001B3  # FNV-1's 64-bit prime: odd, so invertible modulo 2**64
+_WORD_PRIME_INVERSE = pow(_WORD_PRIME, -1, 1 << 64)
 
 
 @lru_cache(maxsize=4)
@@ -40,8 +40,47 @@ def _murmur_finalizer(hashes: np.ndarray) -> np.ndarray:
     return hashes ^ (hashes >> np.uint32(16))
 
 
+def word_hash(word: str) -> int:
+    """A word's 64-bit polynomial hash over its code points (what `word_hashes` computes in bulk)."""
+    hashed = 0
+    for character in word:
+        hashed = (hashed * _WORD_PRIME + ord(character)) & _MASK64
+    return hashed
+
+
+@lru_cache(maxsize=1)
+def word_characters() -> np.ndarray:
+    """Which code points `\\w` matches, asked of the regex itself once (0.05 s)."""
+    table = np.zeros(0x110000, dtype=bool)
+    table[[ord(c) for c in re.findall(r"\w", "".join(map(chr, range(0x110000))))]] = True
+    return table
+
+
+def _powers(base: int, count: int) -> np.ndarray:
+    """base**k mod 2**64 for k in [0, count)."""
+    powers = np.empty(count, dtype=np.uint64)
+    powers[:1] = 1
+    powers[1:] = base
+    return np.cumprod(powers)
+
+
+def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(words per text, `word_hash` of each word) for the `\\w+` words of the lower-cased texts, computed over
+    all texts at once: the polynomial hash of a run is a difference of prefix sums scaled by inverse powers."""
+    lowered = [text.lower() for text in texts]
+    codes = np.frombuffer("\0".join(lowered).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    edges = np.diff(word_characters()[codes].view(np.int8), prepend=0, append=0)
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    prefix = np.zeros(len(codes) + 1, dtype=np.uint64)
+    np.cumsum(codes * _powers(_WORD_PRIME_INVERSE, len(codes)), out=prefix[1:])
+    hashes = (prefix[ends] - prefix[starts]) * _powers(_WORD_PRIME, len(codes) + 1)[ends - 1]
+    lengths = np.fromiter(map(len, lowered), dtype=np.int64, count=len(texts)) + 1
+    documents = np.searchsorted(np.cumsum(lengths) - lengths, starts, side="right") - 1
+    return np.bincount(documents, minlength=len(texts)), hashes
+
+
 def combine_word_hashes(word_hashes: list[int]) -> int:
-    """One shingle's 32-bit hash from the crc32 of its words (what `shingle_hashes` computes in bulk)."""
+    """One shingle's 32-bit hash from the hashes of its words (what `shingle_hashes` computes in bulk)."""
     combined = 0
     for word_hash in word_hashes:
         combined = (combined * int(_MIX) + word_hash) & _MASK64
@@ -51,19 +90,16 @@ def combine_word_hashes(word_hashes: list[int]) -> int:
 def shingle_hashes(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(document index, 32-bit hash) of every shingle of `size` consecutive lower-cased words, grouped by
     document; a document of `size` words or fewer is one shingle of all its words."""
-    words = [WORD_RE.findall(text.lower()) for text in texts]
-    counts = np.fromiter(map(len, words), dtype=np.int64, count=len(texts))
-    all_words = (word.encode("utf-8") for document in words for word in document)
-    word_hashes = np.fromiter(map(zlib.crc32, all_words), dtype=np.uint64, count=int(counts.sum()))
+    counts, hashed_words = word_hashes(texts)
     ends = np.cumsum(counts)
-    windows = max(len(word_hashes) - size + 1, 0)
+    windows = max(len(hashed_words) - size + 1, 0)
     combined = np.zeros(windows, dtype=np.uint64)
     for offset in range(size):
-        combined = combined * _MIX + word_hashes[offset:offset + windows]
+        combined = combined * _MIX + hashed_words[offset:offset + windows]
     window_document = np.repeat(np.arange(len(texts)), counts)[:windows]
     inside = np.arange(windows) + size <= ends[window_document]
     short = np.flatnonzero(counts <= size)
-    short_hashes = [combine_word_hashes(word_hashes[ends[d] - counts[d]:ends[d]].tolist()) for d in short]
+    short_hashes = [combine_word_hashes(hashed_words[ends[d] - counts[d]:ends[d]].tolist()) for d in short]
     documents = np.concatenate([window_document[inside], short])
     folded = combined[inside] ^ (combined[inside] >> np.uint64(32))
     hashes = np.concatenate([folded.astype(np.uint32), np.array(short_hashes, dtype=np.uint32)])
@@ -85,6 +121,20 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+class _Signature:
+    """What datasketch's LSH reads from a MinHash (its length, hash values and scheme). LeanMinHash would
+    do, but its constructor re-validates every value: a third of the dedup time, which runs serially."""
+
+    __slots__ = ("hashvalues",)
+    scheme = MINHASH_SCHEME
+
+    def __init__(self, hashvalues: np.ndarray):
+        self.hashvalues = hashvalues
+
+    def __len__(self) -> int:
+        return len(self.hashvalues)
+
+
 class Deduplicator:
     """Exact (sha256) and near (datasketch MinHash LSH) dedup; keeps the first document of each cluster."""
 
@@ -102,9 +152,7 @@ class Deduplicator:
             return "exact_duplicate"
         self.seen.add(digest)
         if self.lsh is not None and signature is not None:
-            from datasketch import LeanMinHash
-
-            minhash = LeanMinHash(seed=1, hashvalues=signature, scheme=MINHASH_SCHEME)
+            minhash = _Signature(signature)
             if self.lsh.query(minhash):
                 return "near_duplicate"
             self.lsh.insert(self.count, minhash, check_duplication=False)
