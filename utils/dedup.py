@@ -14,8 +14,8 @@ import re
 from functools import lru_cache
 
 import numpy as np
+from datasketch import MinHash, MinHashLSH
 
-MINHASH_SCHEME = "affine32"
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier that combines a shingle's word hashes
 _MASK64 = (1 << 64) - 1
 _WORD_PRIME = 0x100000001B3  # FNV-1's 64-bit prime: odd, so invertible modulo 2**64
@@ -24,12 +24,8 @@ _WORD_PRIME_INVERSE = pow(_WORD_PRIME, -1, 1 << 64)
 
 @lru_cache(maxsize=4)
 def minhash_permutations(num_perm: int) -> np.ndarray:
-    """datasketch's affine32 permutations for seed 1: (a odd, b) per permutation, drawn as datasketch draws
-    them (a test compares). Made here so that workers need not import datasketch (0.5 s, mostly scipy)."""
-    generator = np.random.RandomState(1)
-    multipliers = generator.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-    offsets = generator.randint(0, 1 << 32, num_perm, dtype=np.uint32)
-    return np.array([multipliers, offsets])
+    """datasketch's affine32 permutations for seed 1: (a, b) per permutation."""
+    return MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations
 
 
 def _murmur_finalizer(hashes: np.ndarray) -> np.ndarray:
@@ -121,28 +117,27 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class _Signature:
-    """What datasketch's LSH reads from a MinHash (its length, hash values and scheme). LeanMinHash would
-    do, but its constructor re-validates every value: a third of the dedup time, which runs serially."""
+class NearDuplicateIndex(MinHashLSH):
+    """datasketch's LSH index (its band layout for the threshold, its band tables) with one method that asks
+    and inserts in a single pass over the bands: `query` then `insert` would cut and hash every band twice and
+    keep a reverse key table, and this loop is the one part of stage 01 that runs serially."""
 
-    __slots__ = ("hashvalues",)
-    scheme = MINHASH_SCHEME
-
-    def __init__(self, hashvalues: np.ndarray):
-        self.hashvalues = hashvalues
-
-    def __len__(self) -> int:
-        return len(self.hashvalues)
+    def add_unless_near(self, key: int, signature: np.ndarray) -> bool:
+        """True when a document sharing a band is indexed already; otherwise indexes this one."""
+        bands = [signature[start:end].tobytes() for start, end in self.hashranges]
+        if any(table.has_key(band) for band, table in zip(bands, self.hashtables)):
+            return True
+        for band, table in zip(bands, self.hashtables):
+            table.insert(band, key)
+        return False
 
 
 class Deduplicator:
     """Exact (sha256) and near (datasketch MinHash LSH) dedup; keeps the first document of each cluster."""
 
     def __init__(self, num_perm: int, threshold: float, near: bool = True):
-        from datasketch import MinHashLSH
-
         self.seen: set[bytes] = set()
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm) if near else None
+        self.index = NearDuplicateIndex(threshold=threshold, num_perm=num_perm) if near else None
         self.count = 0
 
     def duplicate_kind(self, sha256: str, signature: np.ndarray | None) -> str | None:
@@ -151,10 +146,8 @@ class Deduplicator:
         if digest in self.seen:
             return "exact_duplicate"
         self.seen.add(digest)
-        if self.lsh is not None and signature is not None:
-            minhash = _Signature(signature)
-            if self.lsh.query(minhash):
+        if self.index is not None and signature is not None:
+            if self.index.add_unless_near(self.count, signature):
                 return "near_duplicate"
-            self.lsh.insert(self.count, minhash, check_duplication=False)
             self.count += 1
         return None
