@@ -315,6 +315,22 @@ def test_prepare_end_to_end_bins_match_meta(tmp_path):
     assert "Traceback" not in refused.stderr
 
 
+def test_one_and_two_worker_processes_write_identical_files(tmp_path, tokenizer_dir):
+    """Batches, byte ranges and worker order must not change what is kept, where it goes, or its order."""
+    docs = prose_documents(300)  # > 64 KB of training text: several tokenisation ranges
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs + docs[:5]))
+    outputs = []
+    for num_proc in ("1", "2"):
+        out = tmp_path / f"out{num_proc}"
+        run_prepare("--input_path", str(path), "--output_dir", str(out), "--tokenizer_path", str(tokenizer_dir),
+                    "--num_proc", num_proc, "--val_fraction", "0.1")
+        outputs.append(read_meta(out))
+    assert outputs[0]["files"] == outputs[1]["files"]
+    assert outputs[0]["filters"] == outputs[1]["filters"]
+    assert outputs[0]["train_documents"] + outputs[0]["val_documents"] == 300
+
+
 def test_reusing_a_tokenizer_and_validate_only(tmp_path, tokenizer_dir):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in prose_documents(12)))
