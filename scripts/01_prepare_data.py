@@ -2,8 +2,10 @@
 """Stage 01: raw text → cleaned, deduplicated documents → trained tokenizer → train.bin / val.bin + meta.json.
 
 Two streaming passes, so memory does not grow with the corpus (except the MinHash index):
-  1. read → normalise → clean → language → exact and near dedup → split; kept documents go to a temporary file;
-  2. train the tokenizer on the training side (or reuse one), then tokenise in parallel into the .bin files.
+  1. read → normalise → clean → language → exact and near dedup → split; workers clean batches of documents,
+     the main process dedups them in input order and appends the kept ones to a temporary file per split;
+  2. train the tokenizer on the training side (or reuse one), then workers tokenise byte ranges of those files
+     and the main process appends the ids, in order, to the .bin files.
 Everything is written into a temporary directory that is renamed into place at the end, so an interrupted run
 leaves nothing that looks complete.
 """
