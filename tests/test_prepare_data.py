@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import signal
 import subprocess
@@ -370,10 +371,16 @@ def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     assert not list(tmp_path.rglob("meta.json"))
 
 
-def test_builtin_corpus_is_identical_in_every_process():
-    """Same Python, same corpus: nothing process-specific (such as object addresses) leaks into the text."""
-    code = ("import hashlib; from utils.corpus import builtin_documents; "
-            "print(hashlib.sha256('\\0'.join(builtin_documents()).encode()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout for _ in range(2)}
-    assert len(digests) == 1
+def test_builtin_corpus_is_identical_in_every_process_and_leaks_no_environment(tmp_path):
+    """Same Python, same corpus: nothing process- or machine-specific (object addresses, the environment,
+    the working directory) leaks into the text. Signatures such as `cgi.parse(environ=os.environ)` used to."""
+    code = ("import hashlib, sys; sys.path.insert(0, sys.argv[1]); from utils.corpus import builtin_documents; "
+            "text = '\\0'.join(builtin_documents()); "
+            "print(hashlib.sha256(text.encode()).hexdigest(), 'sk-secret-123' in text, sys.argv[1] in text)")
+    outputs = {
+        subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=cwd, capture_output=True, text=True, check=True,
+                       env={**os.environ, "API_TOKEN": "sk-secret-123", "EXTRA": extra}).stdout
+        for cwd, extra in ((ROOT, "a"), (tmp_path, "bb"))
+    }
+    assert len(outputs) == 1
+    assert outputs.pop().split()[1:] == ["False", "False"]

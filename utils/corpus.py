@@ -11,8 +11,8 @@ import contextlib
 import importlib
 import inspect
 import io
+import os
 import pkgutil
-import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 BUILTIN_NAME = "builtin:python-docs"
-MEMORY_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 # Modules with side effects on import (a browser, a GUI, printing) or that only exist on other platforms.
 SKIPPED_MODULES = {
     "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip", "pydoc_data",
@@ -52,13 +51,29 @@ def _import_quietly(name: str):
             return None
 
 
+class _Elided:
+    def __repr__(self) -> str:
+        return "..."
+
+
+def _is_plain_default(value) -> bool:
+    """A literal that reads the same on every machine. Others are elided: `environ=os.environ` would print the
+    user's whole environment (tokens and keys included) into the corpus, `executable=sys.executable` a path."""
+    if value is None or isinstance(value, (bool, int, float, bytes)):
+        return True
+    return isinstance(value, str) and not os.path.isabs(value)
+
+
 def _signature(obj) -> str:
     try:
-        signature = str(inspect.signature(obj))
+        signature = inspect.signature(obj)
     except (TypeError, ValueError):
         return ""
-    # Sentinel defaults print as `<object object at 0x7f…>`: the address changes with every process.
-    return MEMORY_ADDRESS_RE.sub("", signature)
+    parameters = [
+        p if p.default is p.empty or _is_plain_default(p.default) else p.replace(default=_Elided())
+        for p in signature.parameters.values()
+    ]
+    return str(signature.replace(parameters=parameters))
 
 
 def _module_entries(module_name: str) -> Iterator[DocEntry]:
