@@ -27,7 +27,7 @@ from utils.data import (
     read_documents,
     remove_urls,
 )
-from utils.dedup import Deduplicator, combine_word_hashes, minhash_permutations, minhash_signatures, word_hash
+from utils.dedup import Deduplicator, combine_word_hashes, minhash_permutations, minhash_signatures
 from utils.language import MODEL_DEPTH, WARMUP_BYTES, LanguageIdentifier
 from utils.tokenizer import TokenizerError, encode_documents, load_tokenizer, train_tokenizer
 from utils.tokens import open_tokens, read_meta
@@ -163,6 +163,14 @@ def test_language_model_is_cached_once_and_works_without_a_writable_cache(tmp_pa
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setenv("MINI_LLM_CACHE", str(tmp_path / "file" / "cache"))
     assert LanguageIdentifier().classify([PROSE]) == first
+
+
+def word_hash(word: str) -> int:
+    """The word hash `utils.dedup.word_hashes` computes in bulk, one code point at a time."""
+    hashed = 0
+    for character in word:
+        hashed = (hashed * 0x100000001B3 + ord(character)) % 2**64
+    return hashed
 
 
 def test_minhash_signatures_equal_datasketch_minhash_of_the_shingles():

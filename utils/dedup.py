@@ -36,14 +36,6 @@ def _murmur_finalizer(hashes: np.ndarray) -> np.ndarray:
     return hashes ^ (hashes >> np.uint32(16))
 
 
-def word_hash(word: str) -> int:
-    """A word's 64-bit polynomial hash over its code points (what `word_hashes` computes in bulk)."""
-    hashed = 0
-    for character in word:
-        hashed = (hashed * _WORD_PRIME + ord(character)) & _MASK64
-    return hashed
-
-
 @lru_cache(maxsize=1)
 def word_characters() -> np.ndarray:
     """Which code points `\\w` matches, asked of the regex itself once (0.05 s)."""
@@ -61,8 +53,9 @@ def _powers(base: int, count: int) -> np.ndarray:
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(words per text, `word_hash` of each word) for the `\\w+` words of the lower-cased texts, computed over
-    all texts at once: the polynomial hash of a run is a difference of prefix sums scaled by inverse powers."""
+    """(words per text, hash of each word) for the `\\w+` words of the lower-cased texts. A word's hash is the
+    polynomial sum(code point_j * P**(n-1-j)) mod 2**64, computed for all texts at once: the hash of a run is a
+    difference of prefix sums scaled by inverse powers of P."""
     lowered = [text.lower() for text in texts]
     codes = np.frombuffer("\0".join(lowered).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     edges = np.diff(word_characters()[codes].view(np.int8), prepend=0, append=0)
