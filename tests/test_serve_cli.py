@@ -36,6 +36,8 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes the script
             os.chdir(ROOT)
+            # a user's terminal delivers Ctrl-C even when pytest runs in a background job, which ignores SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, "scripts/06_serve.py", *args], ENV)
         self.output = ""
 
@@ -66,6 +68,8 @@ class Terminal:
             if pid:
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
+            if not select.select([self.fd], [], [], 0.05)[0]:
+                continue
             try:
                 os.read(self.fd, 1 << 16)  # drain so the child never blocks on a full terminal
             except OSError:
