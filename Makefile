@@ -24,6 +24,7 @@ ARGS ?=
 BATCH_SIZE ?=
 LEARNING_RATE ?=
 MAX_STEPS ?=
+TIME ?=
 ACCELERATE_CONFIG ?=
 
 PRETRAIN_DIR = checkpoints/pretrain/$(MODEL)
@@ -32,6 +33,8 @@ DPO_DIR = checkpoints/dpo/$(MODEL)
 LATEST_MODEL = $(firstword $(foreach d,$(DPO_DIR) $(SFT_DIR) $(PRETRAIN_DIR),$(if $(wildcard $(d)/latest),$(d))))
 OVERRIDES = $(if $(BATCH_SIZE),--batch_size $(BATCH_SIZE)) $(if $(LEARNING_RATE),--learning_rate $(LEARNING_RATE)) \
             $(if $(MAX_STEPS),--max_steps $(MAX_STEPS))
+# TIME=10m|90m|2h: pretraining for a wall-clock budget instead of a step count (02_pretrain.py --time_budget).
+PRETRAIN_OVERRIDES = $(OVERRIDES) $(if $(TIME),--time_budget $(TIME))
 # One process needs no launcher; an accelerate config (multi-GPU, FSDP, DeepSpeed) goes through `accelerate launch`.
 LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERATE_CONFIG),$(PYTHON))
 
@@ -39,7 +42,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERA
         pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe \
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
         sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline test \
-        bench bench-prepare bench-pretrain bench-serve \
+        bench bench-prepare bench-pretrain bench-serve bench-quality \
         config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint \
         cleanup-checkpoints disk-usage
 
@@ -62,8 +65,8 @@ check-env: ## Versions of Python, torch, CUDA, the GPU and every library
 presets: ## Every preset with parameter counts (total and non-embedding) from the built model
 	$(PYTHON) scripts/show_presets.py
 
-preflight: check-env ## Environment + dry run of MODEL's preset: parameters, memory, time estimate
-	$(PYTHON) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) --dry_run $(OVERRIDES) $(ARGS)
+preflight: check-env ## Environment + dry run of MODEL's preset: parameters, memory, time estimate; with TIME=…, what fits
+	$(PYTHON) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) --dry_run $(PRETRAIN_OVERRIDES) $(ARGS)
 
 config-rtx4090: ## Write config/accelerate/rtx4090.yaml (one 24 GB GPU, bf16) with accelerate's own writer
 	$(ACCELERATE) config default --mixed_precision bf16 --config_file config/accelerate/rtx4090.yaml
@@ -86,7 +89,7 @@ resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-
 
 _pretrain:
 	$(LAUNCH) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) \
-	    --output_dir $(PRETRAIN_DIR) $(OVERRIDES) $(ARGS)
+	    --output_dir $(PRETRAIN_DIR) $(PRETRAIN_OVERRIDES) $(ARGS)
 
 sft: ## Stage 03: LoRA SFT of the latest pretrain checkpoint on SFT_DATASET
 	$(PYTHON) scripts/03_sft.py --model_path $(PRETRAIN_DIR) --dataset_path $(SFT_DATASET) \
@@ -122,11 +125,13 @@ serve-api: ## REST + OpenAI-compatible API and web chat on http://127.0.0.1:8000
 # ---------------------------------------------------------------- whole runs
 pipeline: ## prepare -> pretrain -> sft -> dpo -> evaluate -> gates -> report (tiny, offline; ~15 min on a 2-core CPU)
 	$(PYTHON) scripts/run_pipeline.py --profile cpu-tiny --model $(MODEL) --raw_dataset $(RAW_DATASET) \
-	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
+	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(TIME),--time_budget $(TIME)) \
+	    $(if $(FORCE),--force) $(ARGS)
 
 pipeline-full: ## The long run for one 24 GB GPU: MODEL=small (default) or base with the preset's full budget
 	$(PYTHON) scripts/run_pipeline.py --profile full $(if $(filter command line,$(origin MODEL)),--model $(MODEL)) --raw_dataset $(RAW_DATASET) \
-	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(FORCE),--force) $(ARGS)
+	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(TIME),--time_budget $(TIME)) \
+	    $(if $(FORCE),--force) $(ARGS)
 
 test-pipeline: ## The whole chain with micro settings, checked stage by stage and served over HTTP (~2 min on CPU)
 	$(PYTHON) -m pytest tests/test_pipeline_e2e.py -v $(ARGS)
@@ -134,7 +139,7 @@ test-pipeline: ## The whole chain with micro settings, checked stage by stage an
 test: ## Run the test suite (CPU, offline, micro models)
 	$(PYTHON) -m pytest $(ARGS)
 
-bench: ## All benchmarks -> bench/results/*.json (machine and config inside); ARGS go to the bench-* targets
+bench: ## The quick benchmarks (prepare, pretrain, serve) -> bench/results/*.json; bench-quality runs on its own
 	$(MAKE) --no-print-directory bench-prepare ARGS=
 	$(MAKE) --no-print-directory bench-pretrain ARGS=
 	$(MAKE) --no-print-directory bench-serve ARGS=
@@ -147,6 +152,9 @@ bench-pretrain: ## Pretraining tokens/s and MFU of the tiny preset against a pla
 
 bench-serve: ## Decode tokens/s against model.generate(), and API throughput with 1/4/8 clients
 	$(PYTHON) bench/bench_serve.py $(ARGS)
+
+bench-quality: ## Validation bits per byte of each pretraining recipe at an equal time budget (~45 min on CPU)
+	$(PYTHON) bench/bench_quality.py $(ARGS)
 
 # ---------------------------------------------------------------- operations
 monitor: ## Live GPU view (nvidia-smi) or CPU/memory view, plus the newest metrics.jsonl row

@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """Benchmark of stage 02's training step: tokens/s and MFU against a minimal plain-PyTorch loop.
 
-CPU (always): the tiny preset's dims in fp32, sequence 256, micro-batch 8. The stage's step (window sampler,
-accelerate, fused AdamW with decay groups, clipping, the non-finite guard: `utils.training.optimizer_step`)
-and a minimal reference (forward, cross-entropy, backward, clip, torch AdamW) train two copies of the same
-model on the same batches, alternated in rounds so that both see the same machine load. Writes
-bench/results/pretrain_cpu.json.
+CPU (always): the tiny preset's dims in fp32, sequence 256, micro-batch 8, in rounds that alternate the order:
+- the stage's step (window sampler, accelerate, fused AdamW with decay groups, clipping, the non-finite
+  guard: `utils.training.optimizer_step`) on the preset's transformers model;
+- a plain loop (forward, cross-entropy, backward, clip, torch AdamW) on a copy of the same model;
+- a lean GPT written here in the nanoGPT shape (fused QKV, GELU MLP of 4 × width, LayerNorm, learned
+  positions, tied head, its own fused AdamW with decay groups) at the tiny preset's width, depth, heads,
+  vocabulary and sequence length.
+All three are scored with one FLOP formula (6 × matmul parameters + attention), so the ratios compare
+achieved FLOP/s, not tokens/s of models of different sizes. With `--optimizer muon` the stage's step uses
+the Muon recipe instead. Writes bench/results/pretrain_cpu.json.
 
 GPU (when one is present): tokens/s, MFU and peak memory of the stage's step for the small and base presets
 at their preset micro-batch and sequence length, bf16, with and without torch.compile. Writes
@@ -28,13 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from utils.config import load_preset  # noqa: E402
 from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token  # noqa: E402
 from utils.model import build_model, count_parameters, resolve_attention  # noqa: E402
-from utils.training import WindowSampler, build_optimizer, matmul_parameters, optimizer_step  # noqa: E402
+from utils.training import WindowSampler, build_optimizers, matmul_parameters, optimizer_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-3, 0.1, 1.0
@@ -53,17 +59,84 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 class StageStep:
     """The step 02_pretrain.py runs: windows from the sampler, then `optimizer_step` through accelerate."""
 
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, tokens: np.ndarray, batch: int, seq: int):
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, tokens: np.ndarray, batch: int, seq: int,
+                 optimizer: str = "adamw"):
         self.accelerator = accelerator
-        self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model, LEARNING_RATE, WEIGHT_DECAY))
+        self.model, *self.optimizers = accelerator.prepare(
+            model, *build_optimizers(model, optimizer, LEARNING_RATE, WEIGHT_DECAY))
         self.sampler = WindowSampler(tokens, seed=0)
         self.batch, self.seq, self.cursor = batch, seq, 0
 
     def __call__(self) -> float:
         windows = self.sampler.windows(self.cursor, self.batch, self.seq)
         self.cursor += self.batch
-        result = optimizer_step(self.accelerator, self.model, self.optimizer, [windows], LEARNING_RATE, MAX_GRAD_NORM)
+        result = optimizer_step(self.accelerator, self.model, self.optimizers, [windows], 1.0, MAX_GRAD_NORM)
         return result.loss
+
+
+class LeanBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+        self.up = nn.Linear(width, 4 * width, bias=False)
+        self.down = nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2)
+                   for t in self.qkv(self.norm1(x)).split(width, dim=2))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class LeanGPT(nn.Module):
+    """The nanoGPT shape, as a reference for what a lean hand-written model achieves on this machine."""
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, length: int):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(LeanBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(ids) + self.positions(torch.arange(ids.size(1), device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def flops_per_token(self, length: int) -> float:
+        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("positions"))
+        return training_flops_per_token(matmul, len(self.blocks), self.norm.normalized_shape[0], length)
+
+
+class LeanStep:
+    """The lean GPT's own loop: forward, cross-entropy, backward, clip, fused AdamW with decay groups."""
+
+    def __init__(self, model: LeanGPT, tokens: np.ndarray, batch: int, seq: int):
+        self.model = model
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                            {"params": rest, "weight_decay": 0.0}], lr=LEARNING_RATE, fused=True)
+        self.sampler = WindowSampler(tokens, seed=0)
+        self.batch, self.seq, self.cursor = batch, seq, 0
+
+    def __call__(self) -> float:
+        windows = self.sampler.windows(self.cursor, self.batch, self.seq)
+        self.cursor += self.batch
+        logits = self.model(windows[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
 
 class ReferenceStep:
@@ -95,36 +168,43 @@ def timed(step, count: int) -> float:
     return (time.perf_counter() - started) / count
 
 
-def bench_cpu(rounds: int, steps: int, warmup: int) -> dict:
+def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
     preset = load_preset(ROOT / "config" / "tiny.json")
     batch, seq = 8, 256
     model = build_model(preset, attn_implementation="sdpa", seed=0).train()
     reference_model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    lean_model = LeanGPT(preset.vocab_size, preset.d_model, preset.n_layer, preset.n_head, seq).train()
     tokens = synthetic_tokens(preset.vocab_size)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    stage = StageStep(accelerator, model, tokens, batch, seq)
-    reference = ReferenceStep(reference_model, tokens, batch, seq)
+    loops = {"stage": StageStep(accelerator, model, tokens, batch, seq, optimizer),
+             "reference": ReferenceStep(reference_model, tokens, batch, seq),
+             "lean": LeanStep(lean_model, tokens, batch, seq)}
+    flops = {"stage": flops_per_token(model, seq), "reference": flops_per_token(model, seq),
+             "lean": lean_model.flops_per_token(seq)}
     for _ in range(warmup):
-        stage(), reference()
+        for step in loops.values():
+            step()
     per_round = []
     for index in range(rounds):
-        # Alternate which loop goes first, so a load change mid-round does not always favour one.
-        order = [("stage", stage), ("reference", reference)]
-        times = dict((name, timed(step, steps)) for name, step in (order if index % 2 == 0 else order[::-1]))
-        per_round.append({name: batch * seq / seconds for name, seconds in times.items()})
-    fpt = flops_per_token(model, seq)
+        # Alternate the order, so a load change mid-round does not always favour one loop.
+        order = list(loops.items()) if index % 2 == 0 else list(loops.items())[::-1]
+        per_round.append({name: flops[name] * batch * seq / timed(step, steps) for name, step in order})
     device = torch.device("cpu")
-    stage_tps = statistics.median(r["stage"] for r in per_round)
-    reference_tps = statistics.median(r["reference"] for r in per_round)
+    achieved = {name: statistics.median(r[name] for r in per_round) for name in loops}
     return {
         "config": {"preset": "tiny", "dtype": "fp32", "sequence_length": seq, "micro_batch": batch,
-                   "parameters": count_parameters(model).total, "flops_per_token": fpt,
-                   "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup},
+                   "d_ff": preset.d_ff, "optimizer": optimizer, "parameters": count_parameters(model).total,
+                   "lean_parameters": sum(p.numel() for p in lean_model.parameters()),
+                   "flops_per_token": flops, "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup},
         "peak_flops": peak_flops(device),
-        "stage": {"tokens_per_second": round(stage_tps, 1), "mfu": round(mfu(stage_tps, fpt, device), 4)},
-        "reference": {"tokens_per_second": round(reference_tps, 1), "mfu": round(mfu(reference_tps, fpt, device), 4)},
-        "ratio": round(stage_tps / reference_tps, 3),
-        "per_round_ratio": [round(r["stage"] / r["reference"], 3) for r in per_round],
+        **{name: {"tokens_per_second": round(achieved[name] / flops[name], 1),
+                  "achieved_gflops": round(achieved[name] / 1e9, 2),
+                  "mfu": round(mfu(achieved[name] / flops[name], flops[name], device), 4)} for name in loops},
+        "ratio_vs_lean": round(achieved["stage"] / achieved["lean"], 3),
+        "per_round_ratio_vs_lean": [round(r["stage"] / r["lean"], 3) for r in per_round],
+        "ratio_vs_plain_loop": round(achieved["stage"] / achieved["reference"], 3),
+        "per_round_ratio_vs_plain_loop": [round(r["stage"] / r["reference"], 3) for r in per_round],
         "peak_rss_mb": round(memory_mb(device), 1),
     }
 
@@ -143,7 +223,8 @@ def bench_gpu(steps: int, warmup: int) -> list[dict]:
             fpt = flops_per_token(model, seq)
             if compiled:
                 model = torch.compile(model)
-            stage = StageStep(accelerator, model, synthetic_tokens(preset.vocab_size), batch, seq)
+            stage = StageStep(accelerator, model, synthetic_tokens(preset.vocab_size), batch, seq,
+                              preset.training.optimizer)
             for _ in range(warmup):
                 stage()
             seconds = timed(stage, steps)
@@ -169,15 +250,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="CPU: alternating rounds of stage and reference")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per loop per round (GPU: in all)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                        help="CPU: the stage step's optimizer (the lean and plain loops use AdamW)")
     parser.add_argument("--skip_cpu", action="store_true", help="only the GPU benchmark")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.skip_cpu:
-        result = {"machine": machine(), **bench_cpu(args.rounds, args.steps, args.warmup)}
+        result = {"machine": machine(), **bench_cpu(args.rounds, args.steps, args.warmup, args.optimizer)}
         (RESULTS / "pretrain_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
-        print(f"CPU: stage {result['stage']['tokens_per_second']:,.0f} tok/s (MFU {result['stage']['mfu']:.1%}) vs "
-              f"reference {result['reference']['tokens_per_second']:,.0f} tok/s: {result['ratio']:.2f}×")
+        print(f"CPU: stage {result['stage']['achieved_gflops']:.1f} GFLOP/s (MFU {result['stage']['mfu']:.1%}); "
+              f"{result['ratio_vs_lean']:.3f}× the lean GPT ({result['lean']['achieved_gflops']:.1f} GFLOP/s), "
+              f"{result['ratio_vs_plain_loop']:.3f}× the plain loop on the same model")
     if torch.cuda.is_available():
         result = {"machine": machine(), "runs": bench_gpu(max(args.steps, 10), max(args.warmup, 3))}
         (RESULTS / "pretrain_gpu.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -9,11 +9,17 @@ continues exactly where the run stopped.
 
 Settings come, in order of precedence, from: flags given on the command line, the resumed checkpoint's
 run.json, the preset's `training` block, the defaults shown in parentheses.
+
+`--time_budget 10m` replaces a step count: the run times a few real steps (the model, optimizer and RNG are
+restored afterwards, so they change nothing), one evaluation and one checkpoint save, then fixes max_steps
+so that everything ends within the budget counted from the process start, and lays the LR schedule out over
+those steps. The decision is kept in run.json, so a resume continues the same schedule.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -21,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
+from accelerate.utils import DistributedType, broadcast_object_list  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from utils.checkpoint import (  # noqa: E402
@@ -45,7 +53,7 @@ from utils.checkpoint import (  # noqa: E402
     verify_checkpoint,
 )
 from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
-from utils.config import ModelPreset, load_preset  # noqa: E402
+from utils.config import OPTIMIZERS, SCHEDULES, ModelPreset, load_preset  # noqa: E402
 from utils.metrics import MetricsLogger, memory_mb, mfu, read_metrics, training_flops_per_token  # noqa: E402
 from utils.model import (  # noqa: E402
     ATTN_CHOICES,
@@ -59,24 +67,28 @@ from utils.templates import stop_token_ids  # noqa: E402
 from utils.tokenizer import load_tokenizer  # noqa: E402
 from utils.tokens import META, TOKENIZER_DIR, open_tokens, read_meta  # noqa: E402
 from utils.training import (  # noqa: E402
+    DURATION_FORMS,
     SAMPLING,
-    SCHEDULES,
     BadStepGuard,
+    BudgetProbe,
     LRSchedule,
     StepResult,
     StopSignals,
     TrainingError,
     TrainState,
     WindowSampler,
-    build_optimizer,
+    build_optimizers,
+    capture_rng_state,
     check_output_dir,
     clear_output_dir,
     drop_gradients,
     evaluate,
     evaluation_windows,
+    learning_rates,
     load_optimizer_state,
     matmul_parameters,
     optimizer_step,
+    parse_duration,
     parse_seq_len_schedule,
     prune_checkpoints,
     rank_micro_batches,
@@ -84,21 +96,22 @@ from utils.training import (  # noqa: E402
     restore_rng_state,
     save_checkpoint,
     seq_len_at,
+    steps_in_budget,
 )
 
 # Built-in defaults for settings the preset's training block does not hold.
 DEFAULTS: dict[str, Any] = {
-    "lr_scheduler": "cosine", "min_lr_ratio": 0.1, "decay_fraction": 0.2, "adam_beta1": 0.9, "adam_beta2": 0.95,
+    "muon_momentum": 0.95, "min_lr_ratio": 0.1, "decay_fraction": 0.2, "adam_beta1": 0.9, "adam_beta2": 0.95,
     "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "seed": 42, "sampling": "strided", "seq_len_schedule": None,
     "eval_steps": 500, "eval_batches": 20, "save_steps": 1000, "save_total_limit": 3, "logging_steps": 50,
     "early_stopping_patience": 0, "max_bad_steps": 5, "mixed_precision": "auto", "attn": "auto",
 }
 PRESET_SETTINGS = ("batch_size", "gradient_accumulation_steps", "sequence_length", "learning_rate", "warmup_steps",
-                   "weight_decay")
-BUDGET = ("max_steps", "max_tokens", "num_epochs")
+                   "weight_decay", "optimizer", "muon_learning_rate", "lr_scheduler")
+BUDGET = ("max_steps", "max_tokens", "num_epochs", "time_budget")
 # Settings that change the numbers a run computes: a resume that changes one is not an exact continuation.
 EXACT_SETTINGS = PRESET_SETTINGS + BUDGET + (
-    "lr_scheduler", "min_lr_ratio", "decay_fraction", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "muon_momentum", "min_lr_ratio", "decay_fraction", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
     "seed", "sampling", "seq_len_schedule", "mixed_precision",
 )
 EXIT_DIVERGED = 3
@@ -120,6 +133,9 @@ def parse_args() -> argparse.Namespace:
     exclusive.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
     exclusive.add_argument("--max_tokens", type=int, default=None, help="training tokens (rounded up to whole steps)")
     exclusive.add_argument("--num_epochs", type=float, default=None, help="passes over train.bin")
+    # Not in the exclusive group: its error must name the accepted forms.
+    budget.add_argument("--time_budget", default=None,
+                        help=f"wall-clock budget of the whole run ({DURATION_FORMS}); fixes max_steps from timed steps")
     batch = parser.add_argument_group("batch and data order")
     batch.add_argument("--batch_size", type=int, default=None, help="sequences per device per micro-step (preset)")
     batch.add_argument("--gradient_accumulation_steps", type=int, default=None, help="micro-steps per update (preset)")
@@ -133,9 +149,15 @@ def parse_args() -> argparse.Namespace:
     batch.add_argument("--auto_batch_size", action="store_true",
                        help="on GPU out-of-memory halve the micro-batch and double accumulation, then carry on")
     opt = parser.add_argument_group("optimizer and schedule")
-    opt.add_argument("--learning_rate", type=float, default=None, help="peak learning rate (preset)")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                     help="adamw, or muon: torch.optim.Muon on the hidden matrices, AdamW on embeddings, head and "
+                          "norms (preset)")
+    opt.add_argument("--learning_rate", type=float, default=None, help="peak learning rate of AdamW (preset)")
+    opt.add_argument("--muon_learning_rate", type=float, default=None,
+                     help="peak learning rate of Muon's matrices (preset)")
+    opt.add_argument("--muon_momentum", type=float, default=None, help="Muon's Nesterov momentum (0.95)")
     opt.add_argument("--lr_scheduler", choices=SCHEDULES, default=None,
-                     help="cosine (default), linear, wsd (warmup-stable-decay) or constant")
+                     help="cosine, linear, wsd (warmup-stable-decay: the decay ends on time) or constant (preset)")
     opt.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps (preset)")
     opt.add_argument("--min_lr_ratio", type=float, default=None, help="final LR as a share of the peak (0.1)")
     opt.add_argument("--decay_fraction", type=float, default=None, help="wsd: share of the run spent decaying (0.2)")
@@ -199,6 +221,10 @@ def find_resume_checkpoint(args: argparse.Namespace, output_dir: Path) -> Path |
 def resolve_settings(args: argparse.Namespace, preset: ModelPreset, resumed_args: dict[str, Any] | None) -> list[str]:
     """Fills every unset flag (flag > resumed run > preset > default); returns the settings a resume changed."""
     given = {name for name in (*PRESET_SETTINGS, *BUDGET, *DEFAULTS) if getattr(args, name) is not None}
+    if "time_budget" in given and given & {"max_steps", "max_tokens", "num_epochs"}:
+        other = next(n for n in BUDGET if n in given and n != "time_budget")
+        raise TrainingError(f"--time_budget cannot be combined with --{other}: give one budget (--time_budget "
+                            f"takes {DURATION_FORMS})")
     previous = resumed_args or {}
     for name in (*PRESET_SETTINGS, *DEFAULTS):
         if name in given:
@@ -214,7 +240,22 @@ def resolve_settings(args: argparse.Namespace, preset: ModelPreset, resumed_args
             setattr(args, name, previous.get(name))
         if all(getattr(args, name) is None for name in BUDGET):
             args.max_steps = preset.training.max_steps
+    elif "time_budget" in given and previous.get("time_budget"):
+        # The step count was fixed when the run started; the same budget continues that schedule exactly.
+        if args.time_budget != previous["time_budget"]:
+            raise TrainingError(
+                f"--time_budget {args.time_budget}: the resumed run fixed its step count at the start "
+                f"({previous['max_steps']} steps for --time_budget {previous['time_budget']}); resume with the "
+                "same budget, or pass --max_steps to change the length"
+            )
+        args.max_steps = previous["max_steps"]
     check_settings(args, preset)
+    saved_optimizer = previous.get("optimizer", "adamw") if resumed_args is not None else args.optimizer
+    if saved_optimizer != args.optimizer:
+        raise TrainingError(
+            f"--optimizer {args.optimizer}: the checkpoint holds {saved_optimizer}'s state; resume with "
+            f"--optimizer {saved_optimizer}, or start a new run from its weights"
+        )
     return [
         f"{name} {previous[name]} → {getattr(args, name)}"
         for name in EXACT_SETTINGS if name in previous and previous[name] != getattr(args, name)
@@ -222,14 +263,19 @@ def resolve_settings(args: argparse.Namespace, preset: ModelPreset, resumed_args
 
 
 def check_settings(args: argparse.Namespace, preset: ModelPreset) -> None:
-    positive = ["batch_size", "gradient_accumulation_steps", "sequence_length", "learning_rate", "eval_batches"]
-    for name in positive + [n for n in BUDGET if getattr(args, n) is not None]:
+    if args.time_budget is not None:
+        parse_duration(args.time_budget)
+    positive = ["batch_size", "gradient_accumulation_steps", "sequence_length", "learning_rate", "eval_batches",
+                "muon_learning_rate"]
+    for name in positive + [n for n in BUDGET if getattr(args, n) is not None and n != "time_budget"]:
         if getattr(args, name) <= 0:
             raise TrainingError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps", "save_total_limit",
                  "early_stopping_patience", "max_bad_steps"):
         if getattr(args, name) < 0:
             raise TrainingError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.muon_momentum < 1.0:
+        raise TrainingError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
     if args.logging_steps <= 0:
         raise TrainingError(f"--logging_steps must be positive, got {args.logging_steps}")
     if args.sequence_length > preset.sequence_length:
@@ -259,6 +305,11 @@ class Plan:
 def make_plan(args: argparse.Namespace, train_tokens: int, accelerator: Accelerator, model: torch.nn.Module) -> Plan:
     num_processes = accelerator.num_processes
     tokens_per_step = args.batch_size * args.gradient_accumulation_steps * num_processes * args.sequence_length
+    if args.max_steps is None and args.time_budget is not None:
+        # Until the budget is measured: a plan for timing steps only (warmup LR, final sequence length).
+        return Plan(tokens_per_step, 1, [(args.sequence_length, 1.0)],
+                    LRSchedule("constant", args.learning_rate, args.warmup_steps, 1),
+                    {args.sequence_length: flops_per_token(model, args.sequence_length)})
     if args.max_steps is not None:
         total = args.max_steps
     elif args.max_tokens is not None:
@@ -272,13 +323,13 @@ def make_plan(args: argparse.Namespace, train_tokens: int, accelerator: Accelera
                           f"warming up for {warmup} steps")
     stages = parse_seq_len_schedule(args.seq_len_schedule, args.sequence_length)
     schedule = LRSchedule(args.lr_scheduler, args.learning_rate, warmup, total, args.min_lr_ratio, args.decay_fraction)
+    return Plan(tokens_per_step, total, stages, schedule,
+                {length: flops_per_token(model, length) for length, _ in stages})
+
+
+def flops_per_token(model: torch.nn.Module, length: int) -> float:
     config = model.config
-    matmul = matmul_parameters(model)
-    flops = {
-        length: training_flops_per_token(matmul, config.num_hidden_layers, config.hidden_size, length)
-        for length, _ in stages
-    }
-    return Plan(tokens_per_step, total, stages, schedule, flops)
+    return training_flops_per_token(matmul_parameters(model), config.num_hidden_layers, config.hidden_size, length)
 
 
 # ---------------------------------------------------------------- data, model, checkpoints
@@ -364,6 +415,8 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         cpu=cpu_processes, mixed_precision=resolve_precision(args.mixed_precision), log_with=log_with,
         project_dir=str(output_dir), gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
+    if args.optimizer == "muon":
+        check_muon_supported(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if args.auto_batch_size:
             raise TrainingError("--auto_batch_size is not supported under DeepSpeed (its engine fixes the "
@@ -375,20 +428,35 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
     return accelerator
 
 
+def check_muon_supported(accelerator: Accelerator) -> None:
+    """Muon runs on one process or DDP (every process holds whole matrices to orthogonalise)."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise TrainingError(
+            f"--optimizer muon is not supported under {accelerator.distributed_type.value}: torch.optim.Muon needs "
+            "whole (unsharded) matrices; use DDP (accelerate launch --multi_gpu) or --optimizer adamw"
+        )
+    if accelerator.mixed_precision == "fp16":
+        raise TrainingError(
+            "--optimizer muon with fp16: one loss scaler cannot drive Muon and AdamW together; use "
+            "--mixed_precision bf16 (or no)"
+        )
+
+
 # ---------------------------------------------------------------- the run
 
 
 class Run:
     """The live objects of one training run, and the ways it reports and saves what it has done."""
 
-    def __init__(self, args, preset, data, plan, accelerator, model, optimizer, state, output_dir):
+    def __init__(self, args, preset, data, plan, accelerator, model, optimizers, state, output_dir):
         self.args, self.preset, self.data, self.plan = args, preset, data, plan
-        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.accelerator, self.model, self.optimizers = accelerator, model, optimizers
         self.state, self.output_dir = state, output_dir
         self.metrics = MetricsLogger(output_dir / "metrics.jsonl",
                                      enabled=accelerator.is_main_process and not args.dry_run)
         self.last: dict[str, Any] = {}
         self.bar = None
+        self.budget_decision: dict[str, Any] | None = None
 
     def say(self, message: str, error: bool = False) -> None:
         if not self.accelerator.is_main_process:
@@ -420,6 +488,7 @@ class Run:
                 "vocab_size": len(self.data.tokenizer),
             },
             "world_size": self.accelerator.num_processes,
+            "time_budget": self.budget_decision,
             "git_commit": git_commit(),
             "metrics": self.last,
         }
@@ -427,7 +496,7 @@ class Run:
     def save(self, name: str, reason: str, point_latest: bool = True) -> Path:
         """Writes `<output_dir>/<name>/`; then (main process) moves `latest` to it and prunes old step dirs."""
         directory = self.output_dir / name
-        save_checkpoint(self.accelerator, self.model, self.optimizer, self.data.tokenizer, directory, self.state,
+        save_checkpoint(self.accelerator, self.model, self.optimizers, self.data.tokenizer, directory, self.state,
                         self.run_info(reason))
         if self.accelerator.is_main_process and point_latest:
             update_latest(self.output_dir, name)
@@ -480,7 +549,7 @@ def take_step(run: Run, sampler: WindowSampler, step: int, want_expert_load: boo
         batches = [sampler.gather(micro, length) for micro in starts]
         try:
             result = optimizer_step(
-                accelerator, run.model, run.optimizer, batches, plan.schedule(step), args.max_grad_norm,
+                accelerator, run.model, run.optimizers, batches, plan.schedule.factor(step), args.max_grad_norm,
                 run.preset.router_aux_loss_coef, run.preset.experts_per_token, want_expert_load, stop_requested,
             )
             return result, count, count * length
@@ -511,7 +580,7 @@ def report(run: Run, step: int, result: StepResult, speed: Throughput) -> None:
     row = {
         "event": "train", "step": state.step, "tokens": state.tokens,
         "epoch": round(state.tokens / len(run.data.train), 4), "seq_len": length,
-        "loss": loss, "perplexity": math.exp(min(loss, 700)), "lr": plan.schedule(step),
+        "loss": loss, "perplexity": math.exp(min(loss, 700)), **learning_rates(run.optimizers),
         "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
         "mfu": mfu(tokens_per_second / accelerator.num_processes, plan.flops_per_token[length], accelerator.device),
         "memory_mb": memory_mb(accelerator.device), "skipped_steps": state.bad_steps,
@@ -526,7 +595,8 @@ def report(run: Run, step: int, result: StepResult, speed: Throughput) -> None:
         run.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
     run.say(
         f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | ppl {row['perplexity']:.1f} | lr {row['lr']:.2e} | "
-        f"grad {result.grad_norm:.3f} | {tokens_per_second:,.0f} tok/s | "
+        + (f"muon lr {row['muon_lr']:.2e} | " if "muon_lr" in row else "")
+        + f"grad {result.grad_norm:.3f} | {tokens_per_second:,.0f} tok/s | "
         + (f"MFU {row['mfu']:.1%} | " if row["mfu"] is not None else "")
         + f"{row['memory_mb']:,.0f} MiB"
         + (f" | aux {result.aux_loss:.3f} | experts {row['expert_load']}" if "expert_load" in row else "")
@@ -604,21 +674,89 @@ def train(run: Run, sampler: WindowSampler, val_windows: torch.Tensor, speed: Th
     return 0, "budget", ""
 
 
+def seconds_since_start() -> float:
+    """Wall time since this process started: a time budget counts the imports and set-up too."""
+    return time.time() - psutil.Process().create_time()
+
+
+def probe_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) -> BudgetProbe:
+    """Times real steps, one evaluation and one checkpoint save, then puts back the weights, optimizer and RNG
+    as they were: the run that follows is the one `--max_steps <the decided count>` would run."""
+    accelerator = run.accelerator
+    model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    optimizers = [copy.deepcopy(optimizer.state_dict()) for optimizer in run.optimizers]
+    rng = capture_rng_state()
+    warmup_steps = 2 if run.args.compile else 1
+    for step in range(warmup_steps):  # allocator, thread pools and (with --compile) compilation
+        take_step(run, sampler, step, want_expert_load=False)
+    timings: list[float] = []
+    while len(timings) < 3 or (sum(timings) < 8.0 and len(timings) < 30):
+        started = time.perf_counter()
+        take_step(run, sampler, warmup_steps + len(timings), want_expert_load=False)
+        timings.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    evaluate(accelerator, run.model, val_windows, run.args.batch_size)
+    evaluation = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="budget-probe-") as scratch:
+        started = time.perf_counter()
+        save_checkpoint(accelerator, run.model, run.optimizers, run.data.tokenizer, Path(scratch) / "probe",
+                        run.state, run.run_info("time budget probe"))
+        save = time.perf_counter() - started
+    model.load_state_dict(weights)
+    for optimizer, state in zip(run.optimizers, optimizers):
+        optimizer.load_state_dict(state)
+    restore_rng_state(rng)
+    # Every process must take the same number of steps: the main process's measurement decides.
+    measured = [sum(timings) / len(timings), evaluation, save]
+    broadcast_object_list(measured)
+    return BudgetProbe(*measured)
+
+
+def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) -> dict[str, Any]:
+    """Fixes args.max_steps from the measured costs; returns the decision as run.json records it."""
+    args = run.args
+    budget = parse_duration(args.time_budget)
+    probe = probe_budget(run, sampler, val_windows)
+    elapsed = seconds_since_start()
+    steps = steps_in_budget(budget, elapsed, probe, args.eval_steps, args.save_steps)
+    if steps < 1:
+        raise TrainingError(
+            f"--time_budget {args.time_budget} is too short: {elapsed:.0f} s went on start-up and timing, and one "
+            f"step takes {probe.step:.2f} s plus {probe.evaluation + 2 * probe.save:.1f} s for the final evaluation "
+            f"and save; give a longer budget ({DURATION_FORMS}) or --max_steps"
+        )
+    args.max_steps = steps
+    tokens_per_step = run.plan.tokens_per_step
+    ends = time.time() + budget - elapsed
+    decision = {"budget": args.time_budget, "budget_seconds": budget, "steps": steps,
+                "seconds_per_step": round(probe.step, 4), "seconds_per_evaluation": round(probe.evaluation, 3),
+                "seconds_per_save": round(probe.save, 3), "seconds_before_training": round(elapsed, 1),
+                "tokens_per_second": round(tokens_per_step / probe.step, 1), "ends_at": time.strftime(
+                    "%Y-%m-%dT%H:%M:%S", time.localtime(ends))}
+    run.say(f"budget {args.time_budget} → {steps:,} steps of {tokens_per_step:,} tokens at "
+            f"{tokens_per_step / probe.step:,.0f} tok/s; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
+    return decision
+
+
 def dry_run(run: Run, sampler: WindowSampler, steps: int = 3) -> None:
     """Sizes and estimates, from a few real (timed) steps on the real data; writes nothing."""
     args, plan, accelerator = run.args, run.plan, run.accelerator
     counts = count_parameters(accelerator.unwrap_model(run.model))
-    state_bytes = counts.total * 4 * 4  # fp32 weights, gradients and two AdamW moments
+    state_bytes = counts.total * 4 * 4  # fp32 weights, gradients and at most two moments (AdamW; Muon keeps one)
     train_tokens = len(run.data.train)
     print(f"model      {run.preset.model_name}: {counts.describe()}")
     print(f"batch      {args.batch_size} × {args.gradient_accumulation_steps} accumulation × "
           f"{accelerator.num_processes} process(es) × {args.sequence_length} tokens = "
           f"{plan.tokens_per_step:,} tokens/step")
-    print(f"budget     {plan.total_steps:,} steps = {plan.total_steps * plan.tokens_per_step:,} tokens "
-          f"({plan.total_steps * plan.tokens_per_step / max(1, train_tokens):.2f} epochs of {train_tokens:,} tokens)")
+    total_tokens = plan.total_steps * plan.tokens_per_step
+    print(f"budget     {plan.total_steps:,} steps = {total_tokens:,} tokens "
+          f"({total_tokens / max(1, train_tokens):.2f} epochs of {train_tokens:,} tokens; "
+          f"{total_tokens / counts.total:.1f} tokens per parameter)"
+          + (f", what fits in --time_budget {args.time_budget}" if run.budget_decision else ""))
     print(f"schedule   {plan.schedule.name}, peak {plan.schedule.peak_lr:g}, warmup {plan.schedule.warmup_steps}, "
           f"min ratio {plan.schedule.min_lr_ratio:g}; sequence lengths {plan.stages}")
-    print(f"memory     weights + gradients + AdamW moments (fp32): {state_bytes / 2**20:,.0f} MiB")
+    print(f"memory     weights + gradients + optimizer moments (fp32): {state_bytes / 2**20:,.0f} MiB")
     timings = []
     for step in range(steps + 1):
         started = time.perf_counter()
@@ -664,18 +802,19 @@ def main() -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device).train()
     plan = make_plan(args, len(data.train), accelerator, model)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2),
-                                args.adam_epsilon)
+    optimizers = build_optimizers(model, args.optimizer, args.learning_rate, args.weight_decay,
+                                  (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.muon_learning_rate,
+                                  args.muon_momentum)
     if args.compile:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
 
     # Where the run stands: step, tokens, data cursor, optimizer moments and RNG, exactly as saved.
     state = TrainState(micro_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps)
     if resume_dir:
         state, optimizer_saved, rng = read_training_state(resume_dir, accelerator.process_index)
         if optimizer_saved is not None:
-            load_optimizer_state(accelerator, model, optimizer, optimizer_saved)
+            load_optimizer_state(accelerator, model, optimizers, optimizer_saved)
         else:
             accelerator.print("note: the checkpoint holds no optimizer state (DeepSpeed); AdamW moments restart")
         if rng is not None:
@@ -690,7 +829,12 @@ def main() -> int:
     sampler = WindowSampler(data.train, args.seed, args.sampling)
     val_windows = evaluation_windows(data.val, args.sequence_length,
                                      args.eval_batches * args.batch_size * accelerator.num_processes)
-    run = Run(args, preset, data, plan, accelerator, model, optimizer, state, output_dir)
+    run = Run(args, preset, data, plan, accelerator, model, optimizers, state, output_dir)
+    if args.time_budget and args.max_steps is None:
+        run.budget_decision = fit_time_budget(run, sampler, val_windows)
+        run.plan = plan = make_plan(args, len(data.train), accelerator, model)
+    elif resumed_run:
+        run.budget_decision = resumed_run.get("time_budget")
 
     if args.dry_run:
         dry_run(run, sampler)

@@ -43,10 +43,11 @@ class Profile:
 
 
 PROFILES = {
-    # One 2-core CPU, ~20 minutes in all: the tiny preset, a short pretraining at CPU-sized batches.
+    # One 2-core CPU, ~20 minutes in all: the tiny preset's recipe, pretrained for a time budget at CPU-sized
+    # batches (bench/bench_quality.py measures the recipe with these same batch, rate and warm-up flags).
     "cpu-tiny": Profile(
         preset="tiny",
-        pretrain=["--max_steps", "800", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+        pretrain=["--time_budget", "11m", "--batch_size", "8", "--gradient_accumulation_steps", "1",
                   "--sequence_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "50",
                   "--eval_steps", "200", "--save_steps", "200", "--logging_steps", "50"],
         sft=["--max_steps", "100", "--batch_size", "8", "--gradient_accumulation_steps", "1",
@@ -109,6 +110,21 @@ def complete(step: Step) -> bool:
     return False
 
 
+def pretrain_budget(flags: list[str], time_budget: str | None) -> list[str]:
+    """The profile's pretraining flags, with its budget replaced by `--time_budget` when one is given."""
+    if not time_budget:
+        return flags
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in ("--time_budget", "--max_steps", "--max_tokens", "--num_epochs"):
+            skip = True
+        else:
+            kept.append(flag)
+    return [*kept, "--time_budget", time_budget]
+
+
 def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
     work = Path(args.work_dir)
     model = args.model or profile.preset
@@ -121,7 +137,8 @@ def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
                                   str(data), "--config", f"config/{model}.json", "--overwrite", *profile.prepare],
              data, [args.raw_dataset]),
         Step("pretrain", python + ["scripts/02_pretrain.py", "--config", f"config/{model}.json", "--data_path",
-                                   str(data), "--output_dir", str(ckpt["pretrain"]), *profile.pretrain],
+                                   str(data), "--output_dir", str(ckpt["pretrain"]),
+                                   *pretrain_budget(profile.pretrain, args.time_budget)],
              ckpt["pretrain"], resumable=True),
         Step("sft", python + ["scripts/03_sft.py", "--model_path", str(ckpt["pretrain"]), "--dataset_path",
                               args.sft_dataset, "--output_dir", str(ckpt["sft"]), *profile.sft],
@@ -181,6 +198,8 @@ def main() -> int:
     parser.add_argument("--dpo_dataset", default="builtin:python-docs-dpo")
     parser.add_argument("--work_dir", default=".", help="root for data/, checkpoints/, evaluation_results/, reports/")
     parser.add_argument("--eval_args", default="", help="extra flags for 05_evaluate.py, e.g. '--wikitext_path …'")
+    parser.add_argument("--time_budget", default=None,
+                        help="pretraining wall-clock budget (45s, 10m, 1.5h), replacing the profile's (make TIME=…)")
     parser.add_argument("--force", action="store_true", help="carry on past failed promotion gates")
     parser.add_argument("--rerun", action="store_true", help="run every step even if its outputs are up to date")
     args = parser.parse_args()

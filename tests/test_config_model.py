@@ -42,6 +42,13 @@ def write_preset(tmp_path: Path, **changes) -> Path:
         ({"n_experts": 4, "experts_per_token": 5}, r"field 'experts_per_token' must be in \[1, n_experts=4\]"),
         ({"training": {"batch_size": 0, "gradient_accumulation_steps": 1, "sequence_length": 8,
                        "learning_rate": 1e-3}}, r"field 'training': field 'batch_size' must be positive"),
+        ({"training": {"batch_size": 8, "gradient_accumulation_steps": 1, "sequence_length": 8,
+                       "learning_rate": 1e-3, "optimizer": "lion"}},
+         r"field 'training': field 'optimizer' must be one of \('adamw', 'muon'\), got 'lion'"),
+        ({"training": {"batch_size": 8, "gradient_accumulation_steps": 1, "sequence_length": 8,
+                       "learning_rate": 1e-3, "lr_scheduler": "step"}}, r"field 'lr_scheduler' must be one of"),
+        ({"n_experts": 4, "experts_per_token": 2, "qk_norm": True}, r"field 'qk_norm' is not available for MoE"),
+        ({"qk_norm": "yes"}, r"field 'qk_norm': expected bool"),
     ],
 )
 def test_invalid_presets_name_the_field(tmp_path, changes, message):
@@ -75,6 +82,22 @@ def test_micro_model_is_llama_with_gqa_rope_and_tied_embeddings(tmp_path, tokeni
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_qk_norm_checkpoint_loads_anywhere_and_generates_the_same_greedy_tokens(tmp_path, tokenizer):
+    preset = preset_with(micro_preset(len(tokenizer)), qk_norm=True, zero_init_projections=True)
+    model = build_model(preset, tokenizer, seed=0)
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (16,)  # one RMSNorm per head dimension
+    assert not model.model.layers[0].self_attn.o_proj.weight.any() and not model.model.layers[1].mlp.down_proj.weight.any()
+    with torch.no_grad():  # trained-looking weights, so the greedy path is not trivial
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), expected)
 
 
 def test_untied_preset_counts_the_head_as_embedding():

@@ -204,3 +204,69 @@ def test_dry_run_reports_sizes_and_estimates_and_writes_nothing(micro_config, pr
     assert "391 steps" in result.stdout  # ceil(100000 / 256)
     assert "s/step" in result.stdout and "estimate" in result.stdout
     assert not output_dir.exists()
+
+
+def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_would(micro_config, processed_dir,
+                                                                                       tmp_path):
+    budget = 20
+    common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--eval_steps", "10",
+              "--save_steps", "10", "--logging_steps", "5", "--eval_batches", "2", "--batch_size", "4"]
+    started = time.time()
+    result = pretrain(*common, "--output_dir", str(tmp_path / "budget"), "--time_budget", f"{budget}s")
+    elapsed = time.time() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "budget" / "final" / "run.json").read_text())
+    decision = run["time_budget"]
+    steps = decision["steps"]
+    assert f"budget {budget}s → {steps:,} steps of 256 tokens" in result.stdout and "ends ≈" in result.stdout
+    assert run["args"]["max_steps"] == steps == run["step"] and steps > 10
+    assert elapsed < budget + 3, f"{elapsed:.1f} s for a {budget} s budget"
+    # The timing steps were undone: the run is exactly the one --max_steps <decided> trains.
+    fixed = pretrain(*common, "--output_dir", str(tmp_path / "fixed"), "--max_steps", str(steps))
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert deterministic_rows(tmp_path / "budget") == deterministic_rows(tmp_path / "fixed")
+
+
+def test_muon_with_a_time_budget_resumes_exactly(micro_config, processed_dir, tmp_path):
+    common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--optimizer", "muon",
+              "--lr_scheduler", "wsd", "--time_budget", "15s", "--save_steps", "4", "--eval_steps", "4",
+              "--eval_batches", "2", "--logging_steps", "1", "--batch_size", "4", "--save_total_limit", "0"]
+    straight = tmp_path / "straight"
+    result = pretrain(*common, "--output_dir", str(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "muon lr" in result.stdout
+    rows = read_metrics(straight / "metrics.jsonl")
+    assert all(r["muon_lr"] > r["lr"] for r in rows if r["event"] == "train")
+    # Stopped after step 4 (with the rows it logged after that checkpoint), then resumed with the same flags.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(straight / "step_4", stopped / "step_4")
+    (stopped / "latest").write_text("step_4\n")
+    shutil.copy(straight / "metrics.jsonl", stopped / "metrics.jsonl")
+    resumed = pretrain(*common, "--output_dir", str(stopped), "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "budget 15s →" not in resumed.stdout  # the step count was fixed at the start
+    assert deterministic_rows(stopped) == deterministic_rows(straight)
+    other = pretrain(*[flag if flag != "15s" else "30s" for flag in common], "--output_dir", str(stopped),
+                     "--resume_from_checkpoint", str(stopped / "step_4"))
+    assert other.returncode == 2 and "fixed its step count at the start" in other.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--time_budget", "ten minutes"], "--time_budget 'ten minutes' is not a duration; use a number with s, m or h"),
+        (["--time_budget", "10m", "--max_steps", "5"], "--time_budget cannot be combined with --max_steps"),
+        (["--time_budget", "1s"], "--time_budget 1s is too short"),
+        (["--optimizer", "muon", "--config", "config/tiny-moe.json"], "torch.optim.Muon updates 2-D matrices only"),
+    ],
+)
+def test_bad_budgets_and_optimizers_are_one_line_errors(flags, message, micro_config, processed_dir, tmp_path):
+    config = [] if "--config" in flags else ["--config", str(micro_config)]
+    result = pretrain(*config, *flags, "--data_path", str(processed_dir), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    if "--time_budget" in flags and "1s" not in flags:
+        assert "45s, 10m, 1.5h" in errors[0]
+    assert not (tmp_path / "out" / "final").exists()

@@ -15,10 +15,17 @@ from utils.model import build_model
 from utils.tokens import open_tokens
 from utils.training import (
     BadStepGuard,
+    BudgetProbe,
     LRSchedule,
     TrainingError,
     WindowSampler,
     build_optimizer,
+    build_optimizers,
+    learning_rates,
+    load_optimizer_state,
+    optimizer_state,
+    parse_duration,
+    steps_in_budget,
     check_output_dir,
     clear_output_dir,
     optimizer_step,
@@ -42,7 +49,7 @@ def prepared(accelerator, tokenizer, **preset_changes):
 def test_loss_falls_when_overfitting_one_batch(accelerator, tokenizer, processed_dir):
     model, optimizer = prepared(accelerator, tokenizer)
     batch = WindowSampler(open_tokens(processed_dir, "train"), seed=0).windows(0, 4, 64)
-    losses = [optimizer_step(accelerator, model, optimizer, [batch], 3e-3, 1.0).loss for _ in range(40)]
+    losses = [optimizer_step(accelerator, model, [optimizer], [batch], 1.0, 1.0).loss for _ in range(40)]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -62,23 +69,23 @@ def test_non_finite_loss_skips_the_update_and_a_clean_batch_trains_again(acceler
     guard = BadStepGuard(max_bad_steps=2)
     head = model.get_output_embeddings().weight
     before = head.detach().clone()
-    bad = optimizer_step(accelerator, model, optimizer, [poisoned], 1e-2, 1.0)
+    bad = optimizer_step(accelerator, model, [optimizer], [poisoned], 3.0, 1.0)
     guard.record(bad.applied)
     assert not bad.applied and not math.isfinite(bad.loss)
     assert torch.equal(head, before) and all(p.grad is None for p in model.parameters())
-    good = optimizer_step(accelerator, model, optimizer, [clean], 1e-2, 1.0)
+    good = optimizer_step(accelerator, model, [optimizer], [clean], 3.0, 1.0)
     guard.record(good.applied)
     assert good.applied and math.isfinite(good.loss) and not torch.equal(head, before)
     assert (guard.in_a_row, guard.total, guard.failed) == (0, 1, False)
     for _ in range(2):
-        guard.record(optimizer_step(accelerator, model, optimizer, [poisoned], 1e-2, 1.0).applied)
+        guard.record(optimizer_step(accelerator, model, [optimizer], [poisoned], 3.0, 1.0).applied)
     assert guard.failed and guard.total == 3
 
 
 def test_moe_adds_the_router_loss_and_reports_expert_load(accelerator, tokenizer, processed_dir):
     model, optimizer = prepared(accelerator, tokenizer, n_experts=4, experts_per_token=2, router_aux_loss_coef=0.01)
     batch = WindowSampler(open_tokens(processed_dir, "train"), seed=0).windows(0, 2, 32)
-    result = optimizer_step(accelerator, model, optimizer, [batch], 1e-3, 1.0, aux_loss_coef=0.01, top_k=2,
+    result = optimizer_step(accelerator, model, [optimizer], [batch], 0.3, 1.0, aux_loss_coef=0.01, top_k=2,
                             want_expert_load=True)
     assert result.applied and result.aux_loss == pytest.approx(2.0, abs=0.5)  # ≈ top_k when balanced
     assert len(result.expert_load) == 4 and sum(result.expert_load) == pytest.approx(1.0)
@@ -134,3 +141,69 @@ def test_output_dir_rules(tmp_path):
     check_output_dir(tmp_path, resuming=True, overwrite=False)
     assert clear_output_dir(tmp_path) == ["latest", "step_10"]
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_muon_lowers_the_loss_and_keeps_embeddings_head_and_norms_on_adamw(accelerator, tokenizer, processed_dir):
+    model = build_model(micro_preset(len(tokenizer)), tokenizer, seed=0).train()
+    optimizers = build_optimizers(model, "muon", learning_rate=3e-3, weight_decay=0.0, muon_learning_rate=0.02)
+    muon, adamw = optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(model.get_input_embeddings().weight) not in muon_ids
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    assert len(muon_ids) == 2 * 7  # q, k, v, o, gate, up, down of each layer
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    batch = WindowSampler(open_tokens(processed_dir, "train"), seed=0).windows(0, 4, 64)
+    losses = [optimizer_step(accelerator, model, optimizers, [batch], 1.0, 1.0).loss for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert learning_rates(optimizers) == {"muon_lr": 0.02, "lr": 3e-3}
+
+
+def test_muon_refuses_parameters_it_cannot_orthogonalise(tokenizer):
+    moe = build_model(micro_preset(len(tokenizer), n_experts=4, experts_per_token=2), tokenizer, seed=0)
+    with pytest.raises(TrainingError, match=r"--optimizer muon: parameter .*experts.* has shape \(4, .*3-D"):
+        build_optimizers(moe, "muon", 3e-3, 0.0)
+    with pytest.raises(TrainingError, match="--optimizer must be one of"):
+        build_optimizers(moe, "sgd", 3e-3, 0.0)
+
+
+def test_muon_on_cpu_orthogonalises_as_torch_does_in_fp32():
+    # torch's own iteration runs in bf16; ours is the same iteration in fp32 on CPU tensors.
+    from utils import training
+
+    coefficients = (3.4445, -4.775, 2.0315)
+    for shape in ((96, 32), (32, 96)):
+        grad = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        ours = training._newton_schulz_fp32_on_cpu(grad, coefficients, 5, 1e-7)
+        theirs = training._torch_newton_schulz(grad, coefficients, 5, 1e-7).float()
+        assert ours.dtype == torch.float32 and ours.shape == grad.shape
+        torch.testing.assert_close(ours, theirs, atol=0.02, rtol=0.05)
+        singular = torch.linalg.svdvals(ours)
+        assert 0.5 < singular.min() and singular.max() < 1.5  # roughly orthogonal: Muon's quintic lands in (0.5, 1.5)
+
+
+def test_resumed_optimizer_takes_this_runs_settings_not_the_saved_ones(accelerator, tokenizer, processed_dir):
+    # A resume that changes --weight_decay must train with the new value; the saved state carries only moments.
+    model = build_model(micro_preset(len(tokenizer)), tokenizer, seed=0).train()
+    model, *optimizers = accelerator.prepare(model, *build_optimizers(model, "muon", 3e-3, 0.1))
+    batch = WindowSampler(open_tokens(processed_dir, "train"), seed=0).windows(0, 4, 64)
+    optimizer_step(accelerator, model, optimizers, [batch], 1.0, 1.0)
+    saved = optimizer_state(accelerator, model, optimizers)
+    fresh = build_optimizers(accelerator.unwrap_model(model), "muon", 3e-3, 0.01)
+    load_optimizer_state(accelerator, model, fresh, saved)
+    assert fresh[0].param_groups[0]["weight_decay"] == 0.01
+    momentum = next(iter(fresh[0].state.values()))["momentum_buffer"]
+    assert torch.equal(momentum, next(iter(optimizers[0].optimizer.state.values()))["momentum_buffer"])
+
+
+def test_durations_and_the_steps_that_fit_a_budget():
+    assert [parse_duration(t) for t in ("45s", "10m", "1.5h", " 2H ")] == [45, 600, 5400, 7200]
+    for bad in ("10", "ten minutes", "0m", "-5s", "1.5 h"):
+        with pytest.raises(TrainingError, match=r"--time_budget .* use a number with s, m or h: 45s, 10m, 1.5h"):
+            parse_duration(bad)
+    probe = BudgetProbe(step=1.0, evaluation=4.0, save=2.0)
+    # 100 s left after 10 s of start-up, 5 % kept back, minus the final evaluation and save (4 + 2·2 s).
+    assert steps_in_budget(110, 10, probe, eval_steps=0, save_steps=0) == 87
+    # Every 10 steps an evaluation (which may also write best/, 4 + 2 s) and every 20 a checkpoint (2 s).
+    assert steps_in_budget(110, 10, probe, eval_steps=10, save_steps=20) == 51
+    assert steps_in_budget(12, 10, probe, eval_steps=0, save_steps=0) == 0

@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the file and the field."""
@@ -101,13 +104,24 @@ class TrainingDefaults:
     warmup_steps: int = 0
     max_steps: int = 1000
     weight_decay: float = 0.1
+    optimizer: str = "adamw"
+    # Muon's own peak learning rate for the hidden matrices; learning_rate stays AdamW's for the rest.
+    muon_learning_rate: float = 0.02
+    lr_scheduler: str = "cosine"
 
     def validate(self, source: str) -> None:
         _require_positive(
-            self, ["batch_size", "gradient_accumulation_steps", "sequence_length", "learning_rate", "max_steps"], source
+            self,
+            ["batch_size", "gradient_accumulation_steps", "sequence_length", "learning_rate", "max_steps",
+             "muon_learning_rate"],
+            source,
         )
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError(f"{source}: fields 'warmup_steps' and 'weight_decay' must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{source}: field 'optimizer' must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ConfigError(f"{source}: field 'lr_scheduler' must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,10 @@ class ModelPreset:
     router_aux_loss_coef: float = 0.0
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    # RMSNorm on each head's queries and keys (the Qwen3 class: Llama plus q/k norms).
+    qk_norm: bool = False
+    # Attention and MLP output projections start at zero, so every block starts as the identity.
+    zero_init_projections: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -164,6 +182,11 @@ class ModelPreset:
             raise ConfigError(
                 f"{source}: field 'experts_per_token' must be in [1, n_experts={self.n_experts}], "
                 f"got {self.experts_per_token}"
+            )
+        if self.is_moe and self.qk_norm:
+            raise ConfigError(
+                f"{source}: field 'qk_norm' is not available for MoE presets (n_experts > 0): the Mixtral class "
+                "has no per-head q/k norm"
             )
 
 

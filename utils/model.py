@@ -13,6 +13,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen3Config,
 )
 
 from utils.config import ModelPreset
@@ -54,7 +55,24 @@ def model_config(preset: ModelPreset, tokenizer: PreTrainedTokenizerBase | None 
             output_router_logits=True,
             **common,
         )
+    if preset.qk_norm:
+        # Qwen3 is Llama plus an RMSNorm on each head's queries and keys: transformers, vLLM and llama.cpp's
+        # converter all know the class.
+        return Qwen3Config(head_dim=preset.d_model // preset.n_head, attention_bias=False, use_sliding_window=False,
+                           **common)
     return LlamaConfig(mlp_bias=False, attention_bias=False, **common)
+
+
+# The projections that write into the residual stream: attention output and MLP down (dense or expert bank).
+RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "mlp.experts.down_proj")
+
+
+@torch.no_grad()
+def zero_residual_outputs(model: PreTrainedModel) -> None:
+    """Zero-initialises every block's output projections, so each block starts as the identity."""
+    for name, parameter in model.named_parameters():
+        if name.endswith(RESIDUAL_OUTPUTS):
+            parameter.zero_()
 
 
 def build_model(
@@ -63,11 +81,14 @@ def build_model(
     attn_implementation: str = "sdpa",
     seed: int | None = None,
 ) -> PreTrainedModel:
-    """A freshly initialised causal LM for `preset` (Llama, or Mixtral for MoE presets), in fp32."""
+    """A freshly initialised causal LM for `preset` (Llama, Qwen3 with qk_norm, Mixtral for MoE), in fp32."""
     if seed is not None:
         torch.manual_seed(seed)
     config = model_config(preset, tokenizer)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    if preset.zero_init_projections:
+        zero_residual_outputs(model)
+    return model
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ def _is_loss(key: str) -> bool:
 
 
 def _is_lr(key: str) -> bool:
-    return key in ("lr", "learning_rate")
+    return key in ("lr", "muon_lr", "learning_rate")
 
 
 def plot_curves(stages: list[StageRun], predicate, ylabel: str, path: Path, log_y: bool = False) -> Path | None:
@@ -332,6 +332,26 @@ def _stage_rows(run: RunCollection) -> list[list[Any]]:
     return rows
 
 
+def _effect_rows(run: RunCollection) -> list[list[Any]]:
+    """Each stage's own held-out measure before and after it trained: pretraining's validation loss at its
+    first and last evaluation, SFT's held-out reply loss, DPO's held-out loss, reward accuracy and margin."""
+    rows = []
+    for s in run.stages:
+        summary = s.summary or {}
+        if s.stage == "pretrain":
+            evals = [row["val_loss"] for row in s.metrics if row.get("event") == "eval"]
+            if evals:
+                rows.append([s.stage, "validation loss (first → final evaluation)", evals[0], evals[-1]])
+        elif "eval_loss_before" in summary:
+            rows.append([s.stage, "held-out reply loss", summary["eval_loss_before"], summary.get("eval_loss_after")])
+        elif "eval_before" in summary:
+            before, after = summary["eval_before"], summary.get("eval_after", {})
+            for key, label in (("loss", "held-out DPO loss"), ("rewards/accuracies", "held-out reward accuracy"),
+                               ("rewards/margins", "held-out reward margin")):
+                rows.append([s.stage, label, before.get(key), after.get(key)])
+    return rows
+
+
 def _summary_facts(run: RunCollection) -> list[str]:
     out = []
     for s in run.stages:
@@ -386,6 +406,10 @@ def render_run_report(run: RunCollection, out_dir: Path, title: str = "Training 
     out += ["## Training", ""]
     if run.stages:
         out += [table(["stage", "preset", "steps", "last loss", "seconds", "directory"], _stage_rows(run)), ""]
+        effects = _effect_rows(run)
+        if effects:
+            out += ["What each stage changed, on its own held-out data:", "",
+                    table(["stage", "measure", "before", "after"], effects), ""]
         for png, what in ((loss_png, "loss curves"), (lr_png, "learning-rate schedules")):
             if png:
                 out += [f"![{what}]({png.relative_to(out_dir)})", ""]

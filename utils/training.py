@@ -1,6 +1,6 @@
 """The parts of a training loop every training stage shares.
 
-AdamW with weight-decay groups, learning-rate schedules, the deterministic window sampler over memmapped
+AdamW with weight-decay groups (or Muon for the hidden matrices beside it), learning-rate schedules, the deterministic window sampler over memmapped
 tokens, one accelerate optimizer step (accumulation, clipping, non-finite guard), the signals that stop a run
 cleanly, and the `training_state/` files that make a resume exact.
 """
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from utils.checkpoint import atomic_directory, atomic_write_json
-
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
+from utils.config import OPTIMIZERS, SCHEDULES
 SAMPLING = ("strided", "random")
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
@@ -56,6 +56,15 @@ def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[
     ]
 
 
+def adamw(groups: list[dict[str, Any]], learning_rate: float, betas: tuple[float, float], eps: float,
+          device: str) -> torch.optim.AdamW:
+    """AdamW with each group's peak learning rate kept as `peak_lr`; the fused kernel where the device has one."""
+    for group in groups:
+        group.setdefault("peak_lr", learning_rate)
+    fused = device in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None)
+
+
 def build_optimizer(
     model: torch.nn.Module,
     learning_rate: float,
@@ -63,12 +72,93 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over decay groups; the fused kernel when the parameters' device has one (CUDA, CPU …)."""
+    """AdamW over decay groups."""
     device = next(model.parameters()).device.type
-    fused = device in _get_fused_kernels_supported_devices()
-    return torch.optim.AdamW(
-        decay_parameter_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps, fused=fused or None
-    )
+    return adamw(decay_parameter_groups(model, weight_decay), learning_rate, betas, eps, device)
+
+
+def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The hidden weight matrices Muon takes: every trainable parameter of 2 or more dimensions except the
+    input embedding and the LM head. Muon orthogonalises 2-D updates only, so anything else is an error."""
+    embeddings = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        embeddings.add(id(head.weight))
+    matrices = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or parameter.dim() < 2 or id(parameter) in embeddings:
+            continue
+        if parameter.dim() != 2:
+            raise TrainingError(
+                f"--optimizer muon: parameter {name} has shape {tuple(parameter.shape)}; torch.optim.Muon "
+                "updates 2-D matrices only (MoE expert banks are 3-D), so use --optimizer adamw for this model"
+            )
+        matrices.append(parameter)
+    return matrices
+
+
+_torch_newton_schulz = torch.optim._muon._zeropower_via_newtonschulz
+
+
+def _newton_schulz_fp32_on_cpu(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                               eps: float) -> torch.Tensor:
+    """torch's Muon orthogonalisation, in fp32 for CPU tensors: torch casts to bf16 (right on a GPU), and CPU
+    bf16 matmuls are ~100× slower than fp32 (14 s instead of 0.2 s per step of the tiny preset)."""
+    if grad.device.type != "cpu":
+        return _torch_newton_schulz(grad, ns_coefficients, ns_steps, eps)
+    a, b, c = ns_coefficients
+    ortho = grad.float()
+    if grad.size(0) > grad.size(1):
+        ortho = ortho.T
+    ortho = ortho / ortho.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = ortho @ ortho.T
+        ortho = torch.addmm(ortho, torch.addmm(gram, gram, gram, beta=b, alpha=c), ortho, beta=a)
+    if grad.size(0) > grad.size(1):
+        ortho = ortho.T
+    return ortho.to(grad.dtype)
+
+
+torch.optim._muon._zeropower_via_newtonschulz = _newton_schulz_fp32_on_cpu
+
+
+def build_optimizers(
+    model: torch.nn.Module,
+    name: str,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    muon_learning_rate: float = 0.02,
+    muon_momentum: float = 0.95,
+) -> list[torch.optim.Optimizer]:
+    """`adamw`: one AdamW. `muon`: torch.optim.Muon on the hidden matrices at its own learning rate, and AdamW
+    on the embeddings, the LM head, norms and biases (the split of nanochat and modded-nanogpt)."""
+    if name not in OPTIMIZERS:
+        raise TrainingError(f"--optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "adamw":
+        return [build_optimizer(model, learning_rate, weight_decay, betas, eps)]
+    matrices = muon_matrices(model)
+    taken = {id(p) for p in matrices}
+    rest = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad and id(p) not in taken]
+    device = next(model.parameters()).device.type
+    muon = torch.optim.Muon(matrices, lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum)
+    for group in muon.param_groups:
+        group["peak_lr"] = muon_learning_rate
+    embeddings = [p for p in rest if p.dim() >= 2]
+    others = [p for p in rest if p.dim() < 2]
+    groups = [{"params": embeddings, "weight_decay": 0.0}, {"params": others, "weight_decay": 0.0}]
+    return [muon, adamw(groups, learning_rate, betas, eps, device)]
+
+
+def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
+    """The current learning rate of each optimizer kind, for the log line (`lr` is AdamW's)."""
+    rates = {}
+    for optimizer in optimizers:
+        inner = _inner(optimizer)
+        key = "muon_lr" if isinstance(inner, torch.optim.Muon) else "lr"
+        rates.setdefault(key, inner.param_groups[0]["lr"])
+    return rates
 
 
 @dataclass(frozen=True)
@@ -95,6 +185,10 @@ class LRSchedule:
         if not 0.0 < self.decay_fraction <= 1.0:
             raise TrainingError(f"--decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
+    def factor(self, step: int) -> float:
+        """The learning rate at `step` as a share of the peak; every parameter group scales its own peak by it."""
+        return self(step) / self.peak_lr
+
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.peak_lr * (step + 1) / self.warmup_steps
@@ -113,6 +207,41 @@ class LRSchedule:
         if self.name == "linear":
             return self.peak_lr + (floor - self.peak_lr) * progress
         return floor + (self.peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+DURATION_FORMS = "a number with s, m or h: 45s, 10m, 1.5h"
+
+
+def parse_duration(text: str) -> float:
+    """`45s`, `10m`, `1.5h` → seconds."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not match or float(match.group(1)) <= 0:
+        raise TrainingError(f"--time_budget {text!r} is not a duration; use {DURATION_FORMS}")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+@dataclass(frozen=True)
+class BudgetProbe:
+    """Measured costs, in seconds, that decide how many steps fit in a time budget."""
+
+    step: float  # one optimizer step, after warm-up (and compilation)
+    evaluation: float  # one validation pass
+    save: float  # one complete checkpoint
+
+
+def steps_in_budget(budget: float, elapsed: float, probe: BudgetProbe, eval_steps: int, save_steps: int,
+                    safety: float = 0.05) -> int:
+    """Optimizer steps such that training, periodic evaluations (each may also write best/), periodic
+    checkpoints, and the final evaluation and save all end by `budget` seconds after the process started.
+    `safety` keeps a share of what is left for the speed's drift."""
+    left = (budget - elapsed) * (1.0 - safety) - probe.evaluation - 2 * probe.save
+    per_step = probe.step
+    if eval_steps:
+        per_step += (probe.evaluation + probe.save) / eval_steps
+    if save_steps:
+        per_step += probe.save / save_steps
+    return max(0, math.floor(left / per_step))
 
 
 def parse_seq_len_schedule(text: str | None, final_length: int) -> list[tuple[int, float]]:
@@ -282,9 +411,9 @@ class StepResult:
 def optimizer_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     micro_batches: list[torch.Tensor],
-    learning_rate: float,
+    lr_factor: float,
     max_grad_norm: float,
     aux_loss_coef: float = 0.0,
     top_k: int = 0,
@@ -293,14 +422,16 @@ def optimizer_step(
 ) -> StepResult:
     """Forward/backward over the micro-batches (gradients synchronised on the last only), clip, update.
 
-    A non-finite loss or gradient norm skips the update. The step costs one host sync, which also carries
-    the stop-signal flag (read after the backward passes) so that every process stops after the same step.
+    Every parameter group's learning rate is its `peak_lr` × `lr_factor`. A non-finite loss or gradient
+    norm skips the update. The step costs one host sync, which also carries the stop-signal flag (read after
+    the backward passes) so that every process stops after the same step.
     """
     accelerator.gradient_accumulation_steps = len(micro_batches)
     accelerator.step = 0
     # Set before the backward passes: DeepSpeed's engine updates inside the last one.
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_factor
     lm_total = torch.zeros((), device=accelerator.device)
     aux_total = torch.zeros((), device=accelerator.device)
     router_logits, has_aux = None, False
@@ -330,10 +461,12 @@ def optimizer_step(
     scaler_handles_it = accelerator.scaler is not None and loss_finite
     applied = loss_finite and (math.isfinite(norm) or scaler_handles_it)
     if applied:
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         if accelerator.scaler is not None:
-            applied = not optimizer.step_was_skipped
-    optimizer.zero_grad(set_to_none=True)
+            applied = not optimizers[0].step_was_skipped
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=lm_sum / scale,
         grad_norm=norm,
@@ -498,8 +631,10 @@ def _state_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.M
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
-def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """The full optimizer state keyed by parameter name (gathered under FSDP; a collective call there).
+def optimizer_state(
+    accelerator: Accelerator, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+) -> dict | None:
+    """The full state of every optimizer, keyed by parameter name (gathered under FSDP; a collective call there).
 
     DeepSpeed keeps its optimizer inside its engine, in its own pickled format, which is never read here.
     """
@@ -507,15 +642,22 @@ def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer:
         return None
     sharded = accelerator.distributed_type == DistributedType.FSDP
     options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-    return get_optimizer_state_dict(_state_model(accelerator, model), _inner(optimizer), options=options)
+    return get_optimizer_state_dict(_state_model(accelerator, model), [_inner(o) for o in optimizers],
+                                    options=options)
 
 
 def load_optimizer_state(
-    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    accelerator: Accelerator, model: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer], state: dict
 ) -> None:
-    set_optimizer_state_dict(
-        _state_model(accelerator, model), _inner(optimizer), state, options=StateDictOptions(full_state_dict=True)
-    )
+    """Restores moments and step counts; hyper-parameters (peak learning rates, weight decay, betas) stay as
+    this run set them, so a setting changed on resume takes effect instead of being overwritten by the saved one."""
+    inner = [_inner(o) for o in optimizers]
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in inner]
+    set_optimizer_state_dict(_state_model(accelerator, model), inner, state,
+                             options=StateDictOptions(full_state_dict=True))
+    for optimizer, saved in zip(inner, settings):
+        for group, values in zip(optimizer.param_groups, saved):
+            group.update(values)
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -588,7 +730,7 @@ def checkpoint_steps(output_dir: Path) -> Iterator[tuple[int, Path]]:
 def save_checkpoint(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     tokenizer: Any,
     directory: Path,
     state: TrainState,
@@ -600,7 +742,7 @@ def save_checkpoint(
     """
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     model_state = accelerator.get_state_dict(model) if sharded else None
-    optimizer_full = optimizer_state(accelerator, model, optimizer)
+    optimizer_full = optimizer_state(accelerator, model, optimizers)
     rng_states = [capture_rng_state()]
     if accelerator.num_processes > 1:
         rng_states = gather_object(rng_states)
