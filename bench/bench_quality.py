@@ -79,6 +79,10 @@ RECIPES = {
         {"qk_norm": False, "zero_init_projections": False},
         ["--optimizer", "muon", "--lr_scheduler", "wsd", "--decay_fraction", "0.4"],
         "Llama, d_ff 768, Muon, WSD decaying over the last 40 %"),
+    "muon-wsd-batch16": Recipe(
+        {"qk_norm": False, "zero_init_projections": False},
+        ["--optimizer", "muon", "--lr_scheduler", "wsd", "--batch_size", "16"],
+        "Llama, d_ff 768, Muon, WSD, 16 × 256 tokens per step"),
     "muon-wsd-untied": Recipe(
         {"tie_word_embeddings": False}, ["--optimizer", "muon", "--lr_scheduler", "wsd"],
         "defaults with untied embeddings"),

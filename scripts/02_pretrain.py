@@ -687,8 +687,10 @@ def probe_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) ->
     weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizers = [copy.deepcopy(optimizer.state_dict()) for optimizer in run.optimizers]
     rng = capture_rng_state()
-    warmup_steps = 2 if run.args.compile else 1
-    for step in range(warmup_steps):  # allocator, thread pools and (with --compile) compilation
+    # Steps run ~15 % slower for the first few (allocator, thread pools; with --compile, compilation first):
+    # timing them would end a CPU run 20-30 % early.
+    warmup_steps = 6 if run.args.compile else 5
+    for step in range(warmup_steps):
         take_step(run, sampler, step, want_expert_load=False)
     timings: list[float] = []
     while len(timings) < 3 or (sum(timings) < 8.0 and len(timings) < 30):

@@ -70,7 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config_path", default=str(DEFAULT_CONFIG),
                         help="settings file; every flag left unset takes its value from here")
     parser.add_argument("--beta", type=float, help=f"strength of the pull towards the reference {config('beta')}")
-    parser.add_argument("--loss_type", choices=DPO_LOSS_TYPES, help=f"trl's DPO loss {config('loss_type')}")
+    parser.add_argument("--loss_type", help=f"trl's DPO loss: {', '.join(DPO_LOSS_TYPES)}, or several joined by "
+                                            f"commas, summed (sigmoid,sft: DPO plus the chosen replies' NLL) "
+                                            f"{config('loss_type')}")
     parser.add_argument("--early_stopping_metric", choices=list(DPO_STOP_METRICS),
                         help=f"held-out metric --early_stopping_patience watches {config('early_stopping_metric')}")
     add_training_flags(parser, config)
@@ -107,7 +109,8 @@ def main() -> int:
     if is_adapter(model_dir):
         model, base = load_adapter_for_training(model_dir, args.attn), adapter_base_path(model_dir)
         if args.full:
-            model, base = model.merge_and_unload(), None
+            # peft froze the base weights under the adapter; full DPO trains every one of them.
+            model, base = model.merge_and_unload().requires_grad_(True), None
     else:
         model, base = load_base_model(model_dir, args.attn), model_dir
     max_length = effective_max_length(settings.max_length, model)

@@ -127,3 +127,38 @@ def test_dpo_script_on_an_sft_adapter_with_hh_data(sft_adapter, micro_checkpoint
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all({"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(r)
                for r in train)
+
+
+def test_full_dpo_continues_an_sft_adapter_with_every_weight_trainable(sft_adapter, tmp_path):
+    # It used to stop with "element 0 of tensors does not require grad": the merged base stayed frozen.
+    records = [{"prompt": f"Question {i}?", "chosen": GOOD, "rejected": BAD} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "dpo-full"
+    done = subprocess.run(
+        [sys.executable, "scripts/04_dpo.py", "--model_path", str(sft_adapter), "--dataset_path",
+         str(tmp_path / "pairs.jsonl"), "--output_dir", str(out), "--full", "--max_steps", "2", "--batch_size", "4",
+         "--gradient_accumulation_steps", "1", "--learning_rate", "1e-4", "--eval_fraction", "0", "--max_length", "96"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "full" and summary["steps"] == 2
+    assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
+
+
+def test_loss_types_combine_by_commas_and_unknown_ones_are_named():
+    assert DPOSettings(loss_type="sigmoid, sft").loss_types == ["sigmoid", "sft"]
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"field 'loss_type' must be one of .* got 'sigmoid,bogus'"):
+        DPOSettings(loss_type="sigmoid,bogus").validate("dpo.json")
+
+
+def test_dpo_plus_the_chosen_nll_trains_through_trl(micro_checkpoint, tokenizer, tmp_path):
+    apply_template(tokenizer, "chatml")
+    trainer = build_dpo_trainer(load_base_model(micro_checkpoint), tokenizer, toy_pairs(0, 16), toy_pairs(100, 4),
+                                settings(loss_type="sigmoid,sft", max_steps=6), tmp_path,
+                                StageLogger("dpo", tmp_path / "metrics.jsonl"), max_length=64)
+    assert trainer.loss_types == ["sigmoid", "sft"]
+    trainer.train()
+    assert trainer.evaluate()["eval_rewards/margins"] > 0

@@ -46,6 +46,10 @@ def test_every_stage_leaves_complete_outputs(run):
         perplexity = results["metrics"]["val.perplexity"]
         assert math.isfinite(perplexity) and perplexity < 512, (stage, perplexity)
     assert "all gates passed" in result.stdout
+    dpo = json.loads((work / "checkpoints" / "dpo" / "micro" / "summary.json").read_text())
+    # Policy == reference before DPO (every reward 0); after it, held-out chosen replies gained on the reference.
+    assert dpo["eval_before"]["rewards/accuracies"] == 0.0
+    assert dpo["eval_after"]["rewards/accuracies"] > 0.0 and dpo["eval_after"]["rewards/chosen"] > 0.0
     report = (work / "reports" / "report.md").read_text()
     assert all(stage in report for stage in STAGES)
     summary = json.loads((work / "reports" / "pipeline_summary.json").read_text())

@@ -208,7 +208,7 @@ def test_dry_run_reports_sizes_and_estimates_and_writes_nothing(micro_config, pr
 
 def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_would(micro_config, processed_dir,
                                                                                        tmp_path):
-    budget = 20
+    budget = 14
     common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--eval_steps", "10",
               "--save_steps", "10", "--logging_steps", "5", "--eval_batches", "2", "--batch_size", "4"]
     started = time.time()
@@ -229,7 +229,7 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
 
 def test_muon_with_a_time_budget_resumes_exactly(micro_config, processed_dir, tmp_path):
     common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--optimizer", "muon",
-              "--lr_scheduler", "wsd", "--time_budget", "15s", "--save_steps", "4", "--eval_steps", "4",
+              "--lr_scheduler", "wsd", "--time_budget", "10s", "--save_steps", "4", "--eval_steps", "4",
               "--eval_batches", "2", "--logging_steps", "1", "--batch_size", "4", "--save_total_limit", "0"]
     straight = tmp_path / "straight"
     result = pretrain(*common, "--output_dir", str(straight))
@@ -245,9 +245,9 @@ def test_muon_with_a_time_budget_resumes_exactly(micro_config, processed_dir, tm
     shutil.copy(straight / "metrics.jsonl", stopped / "metrics.jsonl")
     resumed = pretrain(*common, "--output_dir", str(stopped), "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "budget 15s →" not in resumed.stdout  # the step count was fixed at the start
+    assert "budget 10s →" not in resumed.stdout  # the step count was fixed at the start
     assert deterministic_rows(stopped) == deterministic_rows(straight)
-    other = pretrain(*[flag if flag != "15s" else "30s" for flag in common], "--output_dir", str(stopped),
+    other = pretrain(*[flag if flag != "10s" else "30s" for flag in common], "--output_dir", str(stopped),
                      "--resume_from_checkpoint", str(stopped / "step_4"))
     assert other.returncode == 2 and "fixed its step count at the start" in other.stderr
 
@@ -270,3 +270,13 @@ def test_bad_budgets_and_optimizers_are_one_line_errors(flags, message, micro_co
     if "--time_budget" in flags and "1s" not in flags:
         assert "45s, 10m, 1.5h" in errors[0]
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_dry_run_with_a_time_budget_says_what_fits_and_writes_nothing(micro_config, processed_dir, tmp_path):
+    output_dir = tmp_path / "never"
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+                      "--dry_run", "--time_budget", "2h")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "budget 2h →" in result.stdout and "what fits in --time_budget 2h" in result.stdout
+    assert "tokens per parameter" in result.stdout
+    assert not output_dir.exists()

@@ -71,7 +71,7 @@ def test_check_env_and_presets_and_monitor_run():
     assert info["packages"]["transformers"] and "cuda_available" in info
     table = run("show_presets.py").stdout
     tiny = next(line for line in table.splitlines() if line.startswith("| tiny |"))
-    assert "6.45 M" in tiny and "4.35 M" in tiny
+    assert "6.82 M" in tiny and "4.72 M" in tiny
     monitor = run("monitor.py", "--interval", "0.1", "--count", "1")
     assert monitor.returncode == 0 and ("CPU" in monitor.stdout or "GPU" in monitor.stdout)
 

@@ -132,12 +132,20 @@ class DPOSettings(TrainSettings):
     loss_type: str = "sigmoid"
     early_stopping_metric: str = "eval_loss"
 
+    @property
+    def loss_types(self) -> list[str]:
+        return [name.strip() for name in self.loss_type.split(",") if name.strip()]
+
     def validate(self, source: str) -> None:
         super().validate(source)
         if self.beta <= 0:
             raise ConfigError(f"{source}: field 'beta' must be positive, got {self.beta}")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ConfigError(f"{source}: field 'loss_type' must be one of {', '.join(DPO_LOSS_TYPES)}")
+        unknown = [name for name in self.loss_types if name not in DPO_LOSS_TYPES]
+        if unknown or not self.loss_types:
+            raise ConfigError(
+                f"{source}: field 'loss_type' must be one of {', '.join(DPO_LOSS_TYPES)}, or several joined by "
+                f"commas (summed with equal weights, e.g. sigmoid,sft); got {self.loss_type!r}"
+            )
         if self.early_stopping_metric not in DPO_STOP_METRICS:
             raise ConfigError(f"{source}: field 'early_stopping_metric' must be one of {list(DPO_STOP_METRICS)}")
 
@@ -451,7 +459,7 @@ def build_dpo_trainer(
                             DPO_STOP_METRICS[settings.early_stopping_metric]),
         max_length=max_length,
         beta=settings.beta,
-        loss_type=[settings.loss_type],
+        loss_type=settings.loss_types,
     )
     ref_model = None
     if full:
