@@ -115,49 +115,48 @@ class LeanGPT(nn.Module):
         return training_flops_per_token(matmul, len(self.blocks), self.norm.normalized_shape[0], length)
 
 
-class LeanStep:
-    """The lean GPT's own loop: forward, cross-entropy, backward, clip, fused AdamW with decay groups."""
+class PlainStep:
+    """A minimal plain-PyTorch loop: forward, cross-entropy, backward, clip, AdamW step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: np.ndarray, batch: int,
+                 seq: int):
+        self.model, self.optimizer = model, optimizer
+        self.sampler = WindowSampler(tokens, seed=0)
+        self.batch, self.seq, self.cursor = batch, seq, 0
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+    def __call__(self) -> float:
+        windows = self.sampler.windows(self.cursor, self.batch, self.seq)
+        self.cursor += self.batch
+        logits = self.logits(windows[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def reference_step(model: torch.nn.Module, tokens: np.ndarray, batch: int, seq: int) -> PlainStep:
+    """The plain loop on the stage's own model, with torch AdamW as a tutorial would set it up."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    return PlainStep(model, optimizer, tokens, batch, seq)
+
+
+class LeanStep(PlainStep):
+    """The lean GPT's own loop: its forward, and fused AdamW with decay groups."""
 
     def __init__(self, model: LeanGPT, tokens: np.ndarray, batch: int, seq: int):
-        self.model = model
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                            {"params": rest, "weight_decay": 0.0}], lr=LEARNING_RATE, fused=True)
-        self.sampler = WindowSampler(tokens, seed=0)
-        self.batch, self.seq, self.cursor = batch, seq, 0
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                       {"params": rest, "weight_decay": 0.0}], lr=LEARNING_RATE, fused=True)
+        super().__init__(model, optimizer, tokens, batch, seq)
 
-    def __call__(self) -> float:
-        windows = self.sampler.windows(self.cursor, self.batch, self.seq)
-        self.cursor += self.batch
-        logits = self.model(windows[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-
-class ReferenceStep:
-    """A minimal plain-PyTorch loop on the same model and batches."""
-
-    def __init__(self, model: torch.nn.Module, tokens: np.ndarray, batch: int, seq: int):
-        self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        self.sampler = WindowSampler(tokens, seed=0)
-        self.batch, self.seq, self.cursor = batch, seq, 0
-
-    def __call__(self) -> float:
-        windows = self.sampler.windows(self.cursor, self.batch, self.seq)
-        self.cursor += self.batch
-        logits = self.model(input_ids=windows[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
 
 
 def timed(step, count: int) -> float:
@@ -178,7 +177,7 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
     tokens = synthetic_tokens(preset.vocab_size)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     loops = {"stage": StageStep(accelerator, model, tokens, batch, seq, optimizer),
-             "reference": ReferenceStep(reference_model, tokens, batch, seq),
+             "reference": reference_step(reference_model, tokens, batch, seq),
              "lean": LeanStep(lean_model, tokens, batch, seq)}
     flops = {"stage": flops_per_token(model, seq), "reference": flops_per_token(model, seq),
              "lean": lean_model.flops_per_token(seq)}

@@ -210,7 +210,8 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
                                                                                        tmp_path):
     budget = 14
     common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--eval_steps", "10",
-              "--save_steps", "10", "--logging_steps", "5", "--eval_batches", "2", "--batch_size", "4"]
+              "--save_steps", "10", "--logging_steps", "5", "--eval_batches", "2", "--batch_size", "4",
+              "--save_total_limit", "0"]
     started = time.time()
     result = pretrain(*common, "--output_dir", str(tmp_path / "budget"), "--time_budget", f"{budget}s")
     elapsed = time.time() - started
@@ -225,19 +226,32 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
     fixed = pretrain(*common, "--output_dir", str(tmp_path / "fixed"), "--max_steps", str(steps))
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert deterministic_rows(tmp_path / "budget") == deterministic_rows(tmp_path / "fixed")
+    # Stopped after step 10 and resumed with the same budget: the step count fixed at the start is kept.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(tmp_path / "budget" / "step_10", stopped / "step_10")
+    (stopped / "latest").write_text("step_10\n")
+    shutil.copy(tmp_path / "budget" / "metrics.jsonl", stopped / "metrics.jsonl")
+    resumed = pretrain(*common, "--output_dir", str(stopped), "--time_budget", f"{budget}s",
+                       "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"budget {budget}s →" not in resumed.stdout
+    assert deterministic_rows(stopped) == deterministic_rows(tmp_path / "budget")
+    other = pretrain(*common, "--output_dir", str(stopped), "--time_budget", "30s", "--resume_from_checkpoint",
+                     str(stopped / "step_10"))
+    assert other.returncode == 2 and "fixed its step count at the start" in other.stderr
 
 
-def test_muon_with_a_time_budget_resumes_exactly(micro_config, processed_dir, tmp_path):
+def test_muon_resumes_exactly(micro_config, processed_dir, tmp_path):
     common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--optimizer", "muon",
-              "--lr_scheduler", "wsd", "--time_budget", "10s", "--save_steps", "4", "--eval_steps", "4",
-              "--eval_batches", "2", "--logging_steps", "1", "--batch_size", "4", "--save_total_limit", "0"]
+              "--lr_scheduler", "wsd", *RUN_A]
     straight = tmp_path / "straight"
     result = pretrain(*common, "--output_dir", str(straight))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "muon lr" in result.stdout
     rows = read_metrics(straight / "metrics.jsonl")
     assert all(r["muon_lr"] > r["lr"] for r in rows if r["event"] == "train")
-    # Stopped after step 4 (with the rows it logged after that checkpoint), then resumed with the same flags.
+    # Stopped after step 4 (with the rows it logged after that checkpoint), then resumed: Muon's momentum too.
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     shutil.copytree(straight / "step_4", stopped / "step_4")
@@ -245,11 +259,7 @@ def test_muon_with_a_time_budget_resumes_exactly(micro_config, processed_dir, tm
     shutil.copy(straight / "metrics.jsonl", stopped / "metrics.jsonl")
     resumed = pretrain(*common, "--output_dir", str(stopped), "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "budget 10s →" not in resumed.stdout  # the step count was fixed at the start
     assert deterministic_rows(stopped) == deterministic_rows(straight)
-    other = pretrain(*[flag if flag != "10s" else "30s" for flag in common], "--output_dir", str(stopped),
-                     "--resume_from_checkpoint", str(stopped / "step_4"))
-    assert other.returncode == 2 and "fixed its step count at the start" in other.stderr
 
 
 @pytest.mark.parametrize(
