@@ -40,7 +40,7 @@ from accelerate import Accelerator  # noqa: E402
 from utils.config import load_preset  # noqa: E402
 from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token  # noqa: E402
 from utils.model import build_model, count_parameters, resolve_attention  # noqa: E402
-from utils.training import WindowSampler, build_optimizers, matmul_parameters, optimizer_step  # noqa: E402
+from utils.training import WindowSampler, build_optimizers, flops_per_token, optimizer_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-3, 0.1, 1.0
@@ -49,11 +49,6 @@ LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-3, 0.1, 1.0
 def synthetic_tokens(vocab_size: int, count: int = 2_000_000, seed: int = 0) -> np.ndarray:
     """Random token ids: the step's cost does not depend on which ids it sees."""
     return np.random.default_rng(seed).integers(0, vocab_size, count, dtype=np.int64).astype(np.uint16)
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    config = model.config
-    return training_flops_per_token(matmul_parameters(model), config.num_hidden_layers, config.hidden_size, seq_len)
 
 
 class StageStep:

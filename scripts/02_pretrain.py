@@ -54,7 +54,7 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
 from utils.config import OPTIMIZERS, SCHEDULES, ModelPreset, load_preset  # noqa: E402
-from utils.metrics import MetricsLogger, memory_mb, mfu, read_metrics, training_flops_per_token  # noqa: E402
+from utils.metrics import MetricsLogger, memory_mb, mfu, read_metrics  # noqa: E402
 from utils.model import (  # noqa: E402
     ATTN_CHOICES,
     PRECISION_CHOICES,
@@ -86,7 +86,7 @@ from utils.training import (  # noqa: E402
     evaluation_windows,
     learning_rates,
     load_optimizer_state,
-    matmul_parameters,
+    flops_per_token,
     optimizer_step,
     parse_duration,
     parse_seq_len_schedule,
@@ -326,10 +326,6 @@ def make_plan(args: argparse.Namespace, train_tokens: int, accelerator: Accelera
     return Plan(tokens_per_step, total, stages, schedule,
                 {length: flops_per_token(model, length) for length, _ in stages})
 
-
-def flops_per_token(model: torch.nn.Module, length: int) -> float:
-    config = model.config
-    return training_flops_per_token(matmul_parameters(model), config.num_hidden_layers, config.hidden_size, length)
 
 
 # ---------------------------------------------------------------- data, model, checkpoints

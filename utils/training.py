@@ -31,6 +31,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from utils.checkpoint import atomic_directory, atomic_write_json
 from utils.config import OPTIMIZERS, SCHEDULES
+from utils.metrics import training_flops_per_token
 SAMPLING = ("strided", "random")
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
@@ -145,10 +146,7 @@ def build_optimizers(
     muon = torch.optim.Muon(matrices, lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum)
     for group in muon.param_groups:
         group["peak_lr"] = muon_learning_rate
-    embeddings = [p for p in rest if p.dim() >= 2]
-    others = [p for p in rest if p.dim() < 2]
-    groups = [{"params": embeddings, "weight_decay": 0.0}, {"params": others, "weight_decay": 0.0}]
-    return [muon, adamw(groups, learning_rate, betas, eps, device)]
+    return [muon, adamw([{"params": rest, "weight_decay": 0.0}], learning_rate, betas, eps, device)]
 
 
 def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
@@ -519,6 +517,12 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     if head is not None and head.weight is embedding:
         total += embedding.numel()
     return total
+
+
+def flops_per_token(model: torch.nn.Module, length: int) -> float:
+    """Training FLOPs per token of a transformers model at sequence `length` (the formula MFU uses)."""
+    config = model.config
+    return training_flops_per_token(matmul_parameters(model), config.num_hidden_layers, config.hidden_size, length)
 
 
 # ---------------------------------------------------------------- faults
