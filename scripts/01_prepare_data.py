@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import atomic_directory, sha256_file  # noqa: E402
+from utils.checkpoint import atomic_directory, recover_interrupted_writes, sha256_file  # noqa: E402
 from utils.cli import StageSummary, progress, run_main  # noqa: E402
 from utils.config import load_preset  # noqa: E402
 from utils.corpus import BUILTIN_NAME, python_version  # noqa: E402
@@ -48,7 +48,7 @@ from utils.data import (  # noqa: E402
     read_documents,
 )
 from utils.tokenizer import encode_documents, load_tokenizer, tokenizer_sha256, train_tokenizer  # noqa: E402
-from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, token_dtype  # noqa: E402
+from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, check_replaceable, token_dtype  # noqa: E402
 
 FILTER_STEPS = ("code", "too_short", "too_long", "language", "exact_duplicate", "near_duplicate")
 STEP_FLAGS = {
@@ -365,8 +365,10 @@ def main() -> int:
     if args.validate_only:
         return validation_report(args, inputs, settings)
     output_dir = Path(args.output_dir or Path("data/processed") / (args.name or default_name(inputs)))
-    if output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"output dir {output_dir} exists; pass --overwrite to replace it")
+    for note in [*recover_interrupted_writes(output_dir.parent, only=output_dir.name),
+                 *recover_interrupted_writes(output_dir)]:
+        print(f"note: {note}")
+    replaced = check_replaceable(output_dir, inputs, args.overwrite)
     vocab_size = resolve_vocab_size(args)
     summary = StageSummary("01_prepare_data", inputs=inputs, output_dir=str(output_dir))
     stats = ReadStats()
@@ -410,6 +412,8 @@ def main() -> int:
         characters_per_token=round(chars_per_token, 2), phase_seconds=phases.seconds,
     )
     summary.finish(output_dir)
+    if replaced:
+        print(f"replaced the previous run's {', '.join(replaced)} in {output_dir}")
     return 0
 
 

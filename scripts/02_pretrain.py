@@ -47,6 +47,7 @@ from utils.checkpoint import (  # noqa: E402
     CheckpointError,
     atomic_write_text,
     git_commit,
+    recover_interrupted_writes,
     resolve_checkpoint,
     sha256_file,
     update_latest,
@@ -54,7 +55,7 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
 from utils.config import OPTIMIZERS, SCHEDULES, ModelPreset, load_preset  # noqa: E402
-from utils.metrics import MetricsLogger, memory_mb, mfu, read_metrics  # noqa: E402
+from utils.metrics import MetricsLogger, has_torn_tail, memory_mb, mfu, read_metrics  # noqa: E402
 from utils.model import (  # noqa: E402
     ATTN_CHOICES,
     PRECISION_CHOICES,
@@ -375,8 +376,10 @@ def check_resume_compatible(checkpoint: Path, run: dict[str, Any], preset: Model
         )
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(run: Run, path: Path, step: int) -> None:
     """Drops rows logged after the resumed step by the interrupted run, so the log reads as one run."""
+    if has_torn_tail(path):
+        run.say(f"note: dropped the unfinished last line of {path} (the previous process died while writing it)")
     rows = [row for row in read_metrics(path) if row.get("step", 0) <= step]
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
@@ -778,13 +781,17 @@ def main() -> int:
     preset = load_preset(args.config)
     output_dir = Path(args.output_dir or f"checkpoints/pretrain/{preset.model_name}")
     args.output_dir = str(output_dir)
+    # Before the accelerator exists, so rank 0 by the launcher's environment; a half-done swap is rare
+    # enough that the other ranks of a multi-process resume are not made to wait for it.
+    if not args.dry_run and os.environ.get("RANK", "0") == "0":
+        for note in recover_interrupted_writes(output_dir):
+            print(f"note: {note}")
     resume_dir = find_resume_checkpoint(args, output_dir)
     resumed_run = json.loads((resume_dir / "run.json").read_text(encoding="utf-8")) if resume_dir else None
     changed = resolve_settings(args, preset, resumed_run["args"] if resumed_run else None)
 
     accelerator = make_accelerator(args, output_dir)
-    if not args.dry_run:
-        check_output_dir(output_dir, resume_dir is not None, args.overwrite_output_dir)
+    start_over = not args.dry_run and check_output_dir(output_dir, resume_dir is not None, args.overwrite_output_dir)
     data = load_data(args.data_path)
     if resume_dir:
         check_resume_compatible(resume_dir, resumed_run, preset, data)
@@ -839,11 +846,11 @@ def main() -> int:
         return 0
 
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and not resume_dir and output_dir.is_dir():
-            clear_output_dir(output_dir)
+        if start_over:
+            run.say(f"starting over in {output_dir}: removed the previous run's {', '.join(clear_output_dir(output_dir))}")
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir and (output_dir / "metrics.jsonl").is_file():
-            truncate_metrics(output_dir / "metrics.jsonl", state.step)
+            truncate_metrics(run, output_dir / "metrics.jsonl", state.step)
     accelerator.wait_for_everyone()
     if args.report_to != "none":
         scalars = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -87,16 +87,26 @@ def test_run_writes_the_checkpoint_contract_and_final_generates(run_a, processed
 
 
 def test_resume_latest_continues_exactly(run_a, micro_config, processed_dir, tmp_path):
-    # The output dir as a run stopped after step 4 would leave it (with rows logged after the checkpoint).
+    # The output dir as a run killed after step 4 would leave it: rows logged after the checkpoint, a last row
+    # torn mid-write, and step_4 caught between the two renames of a re-save (old copy aside, new one not
+    # yet in place), by a process that is gone.
     output_dir = tmp_path / "stopped"
     output_dir.mkdir()
-    shutil.copytree(run_a / "step_4", output_dir / "step_4")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)
+    shutil.copytree(run_a / "step_4", output_dir / f".old-step_4-{pid}")
+    shutil.copytree(run_a / "step_4", output_dir / f".tmp-step_4-{pid}")
     (output_dir / "latest").write_text("step_4\n")
+    (output_dir / f".latest.tmp-{pid}").write_text("step_")
     shutil.copy(run_a / "metrics.jsonl", output_dir / "metrics.jsonl")
+    with open(output_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 9, "event": "tra')
     result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
                       "--resume_from_checkpoint", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished an interrupted swap" in result.stdout and "dropped the unfinished last line" in result.stdout
     assert "resumed from" in result.stdout
+    assert not [p.name for p in output_dir.iterdir() if p.name.startswith(".")]
     # Same losses, learning rates, gradient norms and validation losses, each step logged once.
     assert deterministic_rows(output_dir) == deterministic_rows(run_a)
     assert (output_dir / "latest").read_text().strip() == "final"

@@ -63,12 +63,62 @@ def write_checksums(directory: Path) -> None:
     atomic_write_json(directory / CHECKSUMS, sums)
 
 
-def _remove_stale_temporaries(final: Path) -> None:
-    """Deletes temporary siblings left by killed writers (their process is gone)."""
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+def _writer_gone(name: str) -> bool:
+    """Whether the process whose PID ends a temporary's name is dead (so the file is debris, not in use).
+
+    Our own PID counts as gone: this is called before the stage writes anything, so a match is an earlier
+    process that had the same PID (a container restart reuses low PIDs)."""
+    pid = name.rsplit("-", 1)[-1]
+    return pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid)))
+
+
+def _is_complete(directory: Path) -> bool:
+    try:
+        verify_checkpoint(directory)
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def recover_interrupted_writes(directory: str | Path, only: str | None = None) -> list[str]:
+    """Repairs what killed writers left in `directory`; returns one line per action, for the stage to print.
+
+    A kill between atomic_directory's two renames leaves `.old-<name>-PID` (the previous copy) and
+    `.tmp-<name>-PID` with no `<name>`: the swap is finished when the new copy is complete (every checksum
+    matches), else rolled back. Temporaries of dead writers are removed. `only` limits this to one name.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    notes = []
+    for old in sorted(directory.glob(".old-*")):
+        name, _, pid = old.name.removeprefix(".old-").rpartition("-")
+        if not name or (only and name != only) or not _writer_gone(old.name):
+            continue
+        final, new = directory / name, directory / f".tmp-{name}-{pid}"
+        if final.exists():
+            _remove(old)
+            notes.append(f"removed {old}: the previous {name}/ left behind by a finished swap")
+        elif new.is_dir() and _is_complete(new):
+            os.replace(new, final)
+            _remove(old)
+            notes.append(f"finished an interrupted swap in {directory}: the new {name}/ was complete, "
+                         f"so it took its place and the previous copy was removed")
+        else:
+            os.replace(old, final)
+            notes.append(f"rolled back an interrupted swap in {directory}: the new {name}/ was incomplete, "
+                         f"so the previous {name}/ is back")
+    for stale in sorted({*directory.glob(".*.tmp-*"), *directory.glob(".tmp-*")}):
+        owner = stale.name.removeprefix(".tmp-").rpartition("-")[0] if stale.name.startswith(".tmp-") else None
+        if (only and owner != only) or not _writer_gone(stale.name):
+            continue
+        _remove(stale)
+        notes.append(f"removed {stale}: a temporary left by a process that no longer runs")
+    return notes
 
 
 @contextlib.contextmanager
@@ -76,7 +126,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yields a temporary sibling directory; on success checksums it and renames it to `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final)
+    recover_interrupted_writes(final.parent, only=final.name)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

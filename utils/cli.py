@@ -18,6 +18,7 @@ from utils.checkpoint import atomic_write_json
 # Errors caused by the user's input; they end the stage with a message, not a traceback.
 # PIPELINE_DEBUG=1 shows the traceback anyway.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+SUMMARY = "summary.json"
 
 
 def run_main(main: Callable[[], int | None]) -> None:
@@ -67,7 +68,7 @@ class StageSummary:
     def add(self, **facts: Any) -> None:
         self.facts.update(facts)
 
-    def finish(self, output_dir: str | Path, filename: str = "summary.json") -> dict[str, Any]:
+    def finish(self, output_dir: str | Path, filename: str = SUMMARY) -> dict[str, Any]:
         self.facts["seconds"] = round(time.time() - self.started, 2)
         atomic_write_json(Path(output_dir, filename), self.facts)
         width = max(len(k) for k in self.facts)

@@ -33,6 +33,7 @@ from utils.checkpoint import (
     atomic_write_json,
     describe_missing,
     git_commit,
+    recover_interrupted_writes,
     resolve_checkpoint,
     sha256_file,
     update_latest,
@@ -269,6 +270,8 @@ def prepare_output(stage_dir: Path, resume: bool) -> str | None:
     """For --resume the trainer checkpoint to continue from; otherwise clears the previous run's state and log."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    for note in recover_interrupted_writes(stage_dir):
+        print(f"note: {note}")
     state_dir = stage_dir / STATE_DIR
     if resume:
         last = get_last_checkpoint(state_dir) if state_dir.is_dir() else None

@@ -14,12 +14,48 @@ from typing import Any
 
 import numpy as np
 
+from utils.checkpoint import CHECKSUMS
+from utils.cli import SUMMARY
+
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 
 
 class DataFormatError(ValueError):
     pass
+
+
+def _owned_files(output_dir: Path) -> set[str]:
+    """The files an earlier run of this stage wrote there: those its meta.json lists, and the ones beside it."""
+    try:
+        listed = json.loads((output_dir / META).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return set(listed) | {META, CHECKSUMS, SUMMARY}
+
+
+def check_replaceable(output_dir: Path, inputs: list[str], overwrite: bool) -> list[str]:
+    """The names a data run with --overwrite will replace; refuses every output path where replacing the
+    directory as a whole (it is written as one, atomically) would lose what another program put there."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output_dir {output_dir} is a file, not a directory")
+    for source in inputs:
+        if Path(source).exists() and Path(source).resolve().is_relative_to(output_dir.resolve()):
+            raise ValueError(f"input {source} lies inside --output_dir {output_dir}, which this stage replaces "
+                             "as a whole; choose another --output_dir")
+    existing = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    if not existing:
+        return []
+    if not overwrite:
+        raise FileExistsError(f"output dir {output_dir} exists; pass --overwrite to replace it")
+    owned = _owned_files(output_dir)
+    foreign = [str(p.relative_to(output_dir)) for p in sorted(output_dir.rglob("*"))
+               if p.is_file() and str(p.relative_to(output_dir)) not in owned]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"--overwrite replaces {output_dir} as a whole, but it holds files this stage did "
+                              f"not write ({shown}); move them out or choose another --output_dir")
+    return [p.name + ("/" if p.is_dir() else "") for p in existing]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

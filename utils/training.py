@@ -703,22 +703,34 @@ OWNED_NAMES = ("final", "best", "latest", "metrics.jsonl", "summary.json", "runs
 OWNED_PREFIXES = ("step_", ".tmp-", ".old-")
 
 
-def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuses to mix a new run into an old one: a non-empty dir needs --overwrite_output_dir or a resume."""
+def _is_owned(name: str) -> bool:
+    return name.startswith(OWNED_PREFIXES) or name in OWNED_NAMES
+
+
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> bool:
+    """Refuses to mix a new run into an old one; returns whether the old run's files must be cleared first.
+
+    A non-empty dir needs --overwrite_output_dir or a resume, unless it holds only this stage's debris and
+    no checkpoint (a run killed before its first save): that one is simply started over.
+    """
     existing = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if existing and not resuming and not overwrite:
-        shown = ", ".join(existing[:6]) + (" …" if len(existing) > 6 else "")
-        raise FileExistsError(
-            f"output dir {output_dir} is not empty ({shown}); pass --resume_from_checkpoint latest to continue "
-            "that run, --overwrite_output_dir to start over, or another --output_dir"
-        )
+    if not existing or resuming:
+        return False
+    has_checkpoint = any(name in ("final", "best", "latest") or name.startswith("step_") for name in existing)
+    if overwrite or (all(_is_owned(name) for name in existing) and not has_checkpoint):
+        return True
+    shown = ", ".join(existing[:6]) + (" …" if len(existing) > 6 else "")
+    raise FileExistsError(
+        f"output dir {output_dir} is not empty ({shown}); pass --resume_from_checkpoint latest to continue "
+        "that run, --overwrite_output_dir to start over, or another --output_dir"
+    )
 
 
 def clear_output_dir(output_dir: Path) -> list[str]:
     """Removes what an earlier run of a training stage wrote (checkpoints, pointer, logs); returns the names."""
     removed = []
     for path in sorted(output_dir.iterdir()):
-        if path.name.startswith(OWNED_PREFIXES) or path.name in OWNED_NAMES:
+        if _is_owned(path.name):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path.name)
     return removed
