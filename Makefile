@@ -25,6 +25,10 @@ BATCH_SIZE ?=
 LEARNING_RATE ?=
 MAX_STEPS ?=
 TIME ?=
+TRIALS ?=
+OUT ?=
+DRY_RUN ?=
+IMAGE ?= mini-llm-serve
 ACCELERATE_CONFIG ?=
 
 PRETRAIN_DIR = checkpoints/pretrain/$(MODEL)
@@ -39,11 +43,11 @@ PRETRAIN_OVERRIDES = $(OVERRIDES) $(if $(TIME),--time_budget $(TIME))
 LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERATE_CONFIG),$(PYTHON))
 
 .PHONY: help install install-gpu check-env presets preflight create-sample-datasets prepare \
-        pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe \
+        pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe sweep \
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
-        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline test \
+        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline test test-robustness \
         bench bench-prepare bench-pretrain bench-serve bench-quality \
-        config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint \
+        config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint gpu-check docker-build docker-run \
         cleanup-checkpoints disk-usage
 
 help: ## List every target with one line each
@@ -67,6 +71,10 @@ presets: ## Every preset with parameter counts (total and non-embedding) from th
 
 preflight: check-env ## Environment + dry run of MODEL's preset: parameters, memory, time estimate; with TIME=…, what fits
 	$(PYTHON) scripts/02_pretrain.py --config config/$(MODEL).json --data_path $(DATA_DIR) --dry_run $(PRETRAIN_OVERRIDES) $(ARGS)
+
+sweep: ## Hyper-parameter search of MODEL's pretraining (Optuna TPE + median pruning): TRIALS=20 TIME=2m per trial; resumable
+	$(PYTHON) scripts/sweep.py --config config/$(MODEL).json --data_path $(DATA_DIR) --trials $(or $(TRIALS),20) \
+	    --time_budget $(or $(TIME),2m) $(ARGS)
 
 config-rtx4090: ## Write config/accelerate/rtx4090.yaml (one 24 GB GPU, bf16) with accelerate's own writer
 	$(ACCELERATE) config default --mixed_precision bf16 --config_file config/accelerate/rtx4090.yaml
@@ -138,6 +146,23 @@ test-pipeline: ## The whole chain with micro settings, checked stage by stage an
 
 test: ## Run the test suite (CPU, offline, micro models)
 	$(PYTHON) -m pytest $(ARGS)
+
+test-robustness: ## Kill -9 loop over a micro pretraining + schemathesis fuzzing of a live server (~5 min; installs schemathesis)
+	$(VENV)/bin/pip install -q -r requirements-robustness.txt
+	$(PYTHON) -m pytest -m robustness tests/test_robustness.py -v $(ARGS)
+
+# ---------------------------------------------------------------- GPU check and inference image
+gpu-check: ## The prepared GPU check (≤ 8 min on one H100/H200) -> OUT/gpu_check.json; DRY_RUN=1 only plans
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=gpu-check [DRY_RUN=1] [ARGS='--no-install --parts gpu_tests']"; exit 2; }
+	bench/gpu_check.sh $(OUT) $(if $(filter-out 0,$(DRY_RUN)),--dry-run) $(ARGS)
+
+docker-build: ## Build the inference image IMAGE (mini-llm-serve): CUDA runtime, pinned requirements, non-root
+	docker build -t $(IMAGE) .
+
+docker-run: ## Serve CKPT=<self-contained checkpoint> from the image on 127.0.0.1:8000; needs SERVE_API_KEY
+	@test -n "$(CKPT)" || { echo "usage: SERVE_API_KEY=<key> make docker-run CKPT=checkpoints/sft/small/merged"; exit 2; }
+	@test -n "$$SERVE_API_KEY" || { echo "set SERVE_API_KEY: in the container the server listens on 0.0.0.0, which needs a key"; exit 2; }
+	docker run --rm --gpus all -p 127.0.0.1:8000:8000 -e SERVE_API_KEY -v "$(abspath $(CKPT)):/model:ro" $(IMAGE) $(ARGS)
 
 bench: ## The quick benchmarks (prepare, pretrain, serve) -> bench/results/*.json; bench-quality runs on its own
 	$(MAKE) --no-print-directory bench-prepare ARGS=

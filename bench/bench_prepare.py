@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of stage 01: MB/s of raw text through the whole stage (1 and 2 processes; also net of the
 stage's fixed start-up cost) and through tokenisation alone, peak RSS of the stage, and the MinHash index's
-memory per document.
+memory per document; the same stage with the train/eval contamination check on (its slowdown).
 
 Input: the public prose under ../shared/data when present (TinyStories, tiny shakespeare, WikiText-2 valid and
 test, BoolQ passages, 6.1 MB of text), else the built-in corpus. MB are UTF-8 bytes of the documents' text.
@@ -47,6 +47,14 @@ def bench_inputs(work: Path) -> list[str]:
     return [str(path)]
 
 
+def eval_sets() -> list[str]:
+    """What the contamination check compares against: the shared WikiText-2 test and BoolQ dev, else the
+    built-in eval sets."""
+    shared = ROOT.parent / "shared" / "data"
+    found = [str(shared / name) for name in ("wikitext-2-raw/wiki.test.raw", "boolq/dev.jsonl") if (shared / name).is_file()]
+    return found or ["builtin-evals"]
+
+
 def run_stage(inputs: list[str], out: Path, num_proc: int, extra: list[str]) -> dict:
     args = [sys.executable, "scripts/01_prepare_data.py", "--output_dir", str(out), "--overwrite",
             "--num_proc", str(num_proc), *extra]
@@ -89,10 +97,13 @@ def measure_round(inputs: list[str], work: Path, tokenizer_dir: Path) -> dict:
     reuse = ["--tokenizer_path", str(tokenizer_dir)]
     one = run_stage(inputs, work / "p1", 1, reuse)
     two = run_stage(inputs, work / "p2", 2, reuse)
+    against = [flag for spec in eval_sets() for flag in ("--decontaminate_against", spec)]
+    checked = run_stage(inputs, work / "p2c", 2, [*reuse, *against])
     # The stage's fixed cost (imports, worker start-up, tokenizer load) on a few documents: what remains
     # is the streaming throughput a large corpus sees.
     fixed = run_stage(inputs, work / "fixed", 2, [*reuse, "--max_documents", "20", "--val_fraction", "0.5"])
-    return {"one": one, "two": two, "fixed": fixed["seconds"], "alone": tokenisation_alone(inputs, tokenizer_dir)}
+    return {"one": one, "two": two, "checked": checked, "fixed": fixed["seconds"],
+            "alone": tokenisation_alone(inputs, tokenizer_dir)}
 
 
 def main() -> None:
@@ -110,6 +121,7 @@ def main() -> None:
         rounds = [measure_round(inputs, work, work / "trained" / "tokenizer") for _ in range(args.rounds)]
         one = statistics.median(r["one"]["seconds"] for r in rounds)
         two = statistics.median(r["two"]["seconds"] for r in rounds)
+        checked = statistics.median(r["checked"]["seconds"] for r in rounds)
         fixed = statistics.median(r["fixed"] for r in rounds)
         alone = statistics.median(r["alone"] for r in rounds)
         result = {
@@ -120,6 +132,11 @@ def main() -> None:
             "stage_num_proc_1_mb_s": round(raw_mb / one, 3),
             "stage_num_proc_2_mb_s": round(raw_mb / two, 3),
             "stage_num_proc_2_phase_seconds": rounds[-1]["two"]["phase_seconds"],
+            "contamination_check_against": eval_sets(),
+            "stage_num_proc_2_with_contamination_check_mb_s": round(raw_mb / checked, 3),
+            "contamination_check_slowdown_per_round": [
+                round(r["checked"]["seconds"] / r["two"]["seconds"] - 1, 3) for r in rounds],
+            "contamination_check_slowdown": round(checked / two - 1, 3),
             "stage_fixed_seconds": fixed,
             "stage_num_proc_2_streaming_mb_s": round(raw_mb / (two - fixed), 3),
             "tokenisation_alone_1_process_mb_s": round(raw_mb / alone, 3),

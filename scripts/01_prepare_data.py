@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.checkpoint import atomic_directory, recover_interrupted_writes, sha256_file  # noqa: E402
 from utils.cli import StageSummary, progress, run_main  # noqa: E402
 from utils.config import load_preset  # noqa: E402
+from utils.contamination import BUILTIN_EVALS, FORMATS, ContaminationCheck, describe, load_eval_sets  # noqa: E402
 from utils.corpus import BUILTIN_NAME, python_version  # noqa: E402
 from utils.dedup import Deduplicator  # noqa: E402
 from utils.data import (  # noqa: E402
@@ -41,6 +42,7 @@ from utils.data import (  # noqa: E402
     CleaningSettings,
     DataError,
     ReadStats,
+    check_text_like,
     clean_documents,
     expand_inputs,
     is_validation,
@@ -50,11 +52,11 @@ from utils.data import (  # noqa: E402
 from utils.tokenizer import encode_documents, load_tokenizer, tokenizer_sha256, train_tokenizer  # noqa: E402
 from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, check_replaceable, token_dtype  # noqa: E402
 
-FILTER_STEPS = ("code", "too_short", "too_long", "language", "exact_duplicate", "near_duplicate")
+FILTER_STEPS = ("code", "too_short", "too_long", "language", "exact_duplicate", "near_duplicate", "contamination")
 STEP_FLAGS = {
     "code": "--drop_code/--code_threshold", "too_short": "--min_length", "too_long": "--max_length",
     "language": "--language/--language_threshold", "exact_duplicate": "(exact dedup)",
-    "near_duplicate": "--use_minhash/--minhash_threshold",
+    "near_duplicate": "--use_minhash/--minhash_threshold", "contamination": "--decontaminate remove",
 }
 CLEAN_BATCH = 256  # documents per worker task: language ID and MinHash are vectorised over a batch
 TOKENIZE_CHUNK_BYTES = 1 << 16  # of cleaned text per worker task
@@ -95,6 +97,15 @@ def parse_args() -> argparse.Namespace:
     clean.add_argument("--minhash_threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
     clean.add_argument("--num_perm", type=int, default=128, help="MinHash permutations")
     clean.add_argument("--shingle_size", type=int, default=5, help="words per MinHash shingle")
+    contamination = parser.add_argument_group("train/eval contamination (n-gram overlap with evaluation sets)")
+    contamination.add_argument("--decontaminate_against", action="append", default=[], metavar="PATH",
+                               help=f"an evaluation set to check the training documents against: {FORMATS}; "
+                                    f"or {BUILTIN_EVALS} (what the pipeline scores by default); repeatable")
+    contamination.add_argument("--decontaminate", choices=("report", "remove"), default="report",
+                               help="report the overlap in meta.json, or also remove the overlapping training "
+                                    "documents (counted under the filter 'contamination')")
+    contamination.add_argument("--decontaminate_ngram", type=int, default=13,
+                               help="words per n-gram (13, as in GPT-3 and lm-evaluation-harness)")
     split = parser.add_argument_group("split and tokenizer")
     split.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
     split.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
@@ -155,10 +166,11 @@ def parallel_map(function, batches, num_proc: int):
 class FilterReport:
     """Per-step counts: how many documents each filter removed, in pipeline order."""
 
-    def __init__(self, settings: CleaningSettings):
+    def __init__(self, settings: CleaningSettings, removes_contaminated: bool = False):
         self.enabled = {
             "code": settings.drop_code, "too_short": settings.min_length > 0, "too_long": settings.max_length > 0,
             "language": bool(settings.language), "exact_duplicate": True, "near_duplicate": settings.use_minhash,
+            "contamination": removes_contaminated,
         }
         self.removed: Counter = Counter()
         self.languages: Counter = Counter()
@@ -182,11 +194,13 @@ class FilterReport:
             rows.append({"step": step, "enabled": self.enabled[step], "removed": removed, "kept": remaining})
         return rows
 
-    def check_not_empty(self, total: int) -> None:
+    def check_not_empty(self, stats: ReadStats, inputs: list[str]) -> None:
         if self.kept:
             return
+        total = stats.records
         if not total:
-            raise DataError("the inputs hold no documents (empty files, or no records with text)")
+            empty = ", ".join(spec for spec in inputs if not stats.records_by_input[spec])
+            raise DataError(f"no documents in {empty} (empty files, or no records with text)")
         worst = max(FILTER_STEPS, key=lambda s: self.removed[s])
         raise DataError(
             f"every document was removed: filter '{worst}' removed {self.removed[worst]} of {total} "
@@ -220,9 +234,11 @@ def cleaned_file(directory: Path, split: str) -> Path:
     return directory / f"{split}.documents.tmp"
 
 
-def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats: ReadStats, cleaned_dir: Path | None):
+def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats: ReadStats, cleaned_dir: Path | None,
+                     contamination: ContaminationCheck | None = None):
     """Pass 1. Writes kept documents to one file per split in `cleaned_dir` (None = validate only)."""
-    report = FilterReport(settings)
+    remove_contaminated = contamination is not None and args.decontaminate == "remove"
+    report = FilterReport(settings, remove_contaminated)
     dedup = Deduplicator(settings.num_perm, args.minhash_threshold, near=settings.use_minhash)
     raw = read_documents(inputs, stats, args.text_field, args.txt_split, args.strict, args.dataset_config, args.split)
     if args.max_documents:
@@ -235,16 +251,40 @@ def filter_documents(args, inputs: list[str], settings: CleaningSettings, stats:
             split: files.enter_context(open(cleaned_file(cleaned_dir, split), "w", encoding="utf-8", buffering=1 << 20))
             for split in SPLITS
         } if cleaned_dir else {}
-        for document in progress(itertools.chain.from_iterable(batches), desc="filter", unit="doc"):
-            removed_by = document.removed_by or dedup.duplicate_kind(document.sha256, document.minhash)
-            report.record(document, removed_by)
-            if removed_by:
-                continue
-            split = "val" if is_validation(document.sha256, args.seed, args.val_fraction) else "train"
+
+        def keep(document: CleanedDocument, split: str) -> None:
+            report.record(document, None)
             split_counts[split] += 1
             if sinks:
                 sinks[split].write(json.dumps(document.text) + "\n")
-    report.check_not_empty(stats.records)
+
+        pending: list[CleanedDocument] = []  # training documents waiting for the contamination check
+
+        def check_pending() -> None:
+            overlapping = contamination.check([d.text for d in pending], [d.sha256[:12] for d in pending])
+            for document, overlaps in zip(pending, overlapping):
+                if overlaps and remove_contaminated:
+                    report.record(document, "contamination")
+                else:
+                    keep(document, "train")
+            pending.clear()
+
+        for document in progress(itertools.chain.from_iterable(batches), desc="filter", unit="doc"):
+            removed_by = document.removed_by or dedup.duplicate_kind(document.sha256, document.minhash)
+            if removed_by:
+                report.record(document, removed_by)
+                continue
+            split = "val" if is_validation(document.sha256, args.seed, args.val_fraction) else "train"
+            if contamination is None or split == "val":
+                keep(document, split)
+                continue
+            pending.append(document)
+            if len(pending) == CLEAN_BATCH:
+                check_pending()
+        if pending:
+            check_pending()
+    check_text_like(stats, inputs)
+    report.check_not_empty(stats, inputs)
     return report, split_counts
 
 
@@ -318,6 +358,9 @@ def rebalance_empty_validation(cleaned_dir: Path, split_counts: Counter) -> bool
 def prepare_tokenizer(args, cleaned_dir: Path, tokenizer_dir: Path, vocab_size: int):
     if args.tokenizer_path:
         tokenizer = load_tokenizer(args.tokenizer_path)
+        if (args.vocab_size or args.config) and vocab_size != len(tokenizer):
+            source = f"--vocab_size {args.vocab_size}" if args.vocab_size else f"{args.config}'s vocab_size {vocab_size}"
+            print(f"note: {source} is not used: the vocabulary is --tokenizer_path's {len(tokenizer):,} tokens")
         shutil.copytree(args.tokenizer_path, tokenizer_dir)
         return tokenizer
     print(f"training a {vocab_size}-token SentencePiece BPE tokenizer …", flush=True)
@@ -346,13 +389,29 @@ def resolve_vocab_size(args) -> int:
     return load_preset(args.config).vocab_size if args.config else 32768
 
 
+def contamination_check(args) -> ContaminationCheck | None:
+    if not args.decontaminate_against:
+        return None
+    return ContaminationCheck(load_eval_sets(args.decontaminate_against), args.decontaminate_ngram)
+
+
+def contamination_card(args, check: ContaminationCheck | None) -> dict | None:
+    """meta.json's contamination table, printed as well."""
+    if check is None:
+        return None
+    rows = check.report()
+    print("\n".join(describe(rows, check.n)))
+    return {"ngram": check.n, "mode": args.decontaminate, "eval_sets": rows}
+
+
 def validation_report(args, inputs, settings) -> int:
     stats = ReadStats()
-    report, split_counts = filter_documents(args, inputs, settings, stats, cleaned_dir=None)
+    check = contamination_check(args)
+    report, split_counts = filter_documents(args, inputs, settings, stats, None, check)
     result = {
         "inputs": inputs, "read": stats.as_dict(), "filters": report.steps(stats.records),
         "kept_documents": report.kept, "split": dict(split_counts), "length_chars": report.length_distribution(),
-        "languages": dict(report.languages.most_common(10)),
+        "languages": dict(report.languages.most_common(10)), "contamination": contamination_card(args, check),
     }
     print(json.dumps(result, indent=2))
     return 0
@@ -370,13 +429,15 @@ def main() -> int:
         print(f"note: {note}")
     replaced = check_replaceable(output_dir, inputs, args.overwrite)
     vocab_size = resolve_vocab_size(args)
+    check = contamination_check(args)
     summary = StageSummary("01_prepare_data", inputs=inputs, output_dir=str(output_dir))
     stats = ReadStats()
     with atomic_directory(output_dir) as tmp:
         phases = PhaseTimer()
-        report, split_counts = filter_documents(args, inputs, settings, stats, tmp)
-        val_forced = rebalance_empty_validation(tmp, split_counts)
+        report, split_counts = filter_documents(args, inputs, settings, stats, tmp, check)
         phases.lap("filter")
+        contamination = contamination_card(args, check)
+        val_forced = rebalance_empty_validation(tmp, split_counts)
         tokenizer = prepare_tokenizer(args, tmp, tmp / TOKENIZER_DIR, vocab_size)
         phases.lap("tokenizer")
         dtype = token_dtype(len(tokenizer))
@@ -399,6 +460,7 @@ def main() -> int:
             "filters": report.steps(stats.records),
             "length_chars": report.length_distribution(),
             "languages": dict(report.languages.most_common(10)),
+            "contamination": contamination,
             "settings": {k: v for k, v in vars(args).items() if k not in ("input_path",)},
             "files": {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }

@@ -55,6 +55,8 @@ from utils.checkpoint import (  # noqa: E402
 )
 from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
 from utils.config import OPTIMIZERS, SCHEDULES, ModelPreset, load_preset  # noqa: E402
+from utils.files import read_json  # noqa: E402
+from utils.gpu import check_fp8_training, convert_to_fp8_training  # noqa: E402
 from utils.metrics import MetricsLogger, has_torn_tail, memory_mb, mfu, read_metrics  # noqa: E402
 from utils.model import (  # noqa: E402
     ATTN_CHOICES,
@@ -113,7 +115,7 @@ BUDGET = ("max_steps", "max_tokens", "num_epochs", "time_budget")
 # Settings that change the numbers a run computes: a resume that changes one is not an exact continuation.
 EXACT_SETTINGS = PRESET_SETTINGS + BUDGET + (
     "muon_momentum", "min_lr_ratio", "decay_fraction", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "seed", "sampling", "seq_len_schedule", "mixed_precision",
+    "seed", "sampling", "seq_len_schedule", "mixed_precision", "fp8",
 )
 EXIT_DIVERGED = 3
 
@@ -129,6 +131,9 @@ def parse_args() -> argparse.Namespace:
                     help="start over in a non-empty output dir (its checkpoints and logs are deleted)")
     io.add_argument("--resume_from_checkpoint", default=None,
                     help="'latest' (the output dir's latest complete checkpoint) or a checkpoint dir")
+    io.add_argument("--settings", default=None,
+                    help="JSON object of settings by flag name without '--' (e.g. the best.json of a sweep); "
+                         "flags given on the command line win over it, and it wins over the preset")
     budget = parser.add_argument_group("budget (one of; default: the preset's max_steps)")
     exclusive = budget.add_mutually_exclusive_group()
     exclusive.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
@@ -174,6 +179,9 @@ def parse_args() -> argparse.Namespace:
                        help="attention kernel; auto (default) = flash_attention_2 when installed and usable, else sdpa")
     speed.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--fp8", action="store_true",
+                       help="float8 matmuls in the linear layers (torchao; a GPU of compute capability 8.9+: "
+                            "Ada, Hopper); pair it with --compile, without which the casts cost more than they save")
     monitor = parser.add_argument_group("evaluation, checkpoints and logging")
     monitor.add_argument("--eval_steps", type=int, default=None,
                          help="validate every N steps, 0 = only at the end (500)")
@@ -192,7 +200,35 @@ def parse_args() -> argparse.Namespace:
     monitor.add_argument("--seed", type=int, default=None, help="model init and data order (42)")
     monitor.add_argument("--dry_run", action="store_true",
                          help="build model and data, print sizes and estimates from a few timed steps, write nothing")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.settings:
+        apply_settings_file(parser, args)
+    return args
+
+
+def apply_settings_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fills the flags not given from --settings; each value is checked as its flag would check it."""
+    values = read_json(args.settings, "--settings")
+    if not isinstance(values, dict):
+        raise TrainingError(f"--settings {args.settings}: expected a JSON object of flag names and values")
+    allowed = (*PRESET_SETTINGS, *DEFAULTS)
+    actions = {action.dest: action for action in parser._actions}
+    for name, value in values.items():
+        if name not in allowed:
+            raise TrainingError(f"--settings {args.settings}: {name!r} is not a setting it can hold; "
+                                f"allowed: {', '.join(sorted(allowed))}")
+        if getattr(args, name) is not None:
+            continue
+        action = actions[name]
+        try:
+            value = action.type(value) if action.type and value is not None else value
+        except (TypeError, ValueError):
+            raise TrainingError(f"--settings {args.settings}: {name} {value!r} is not a valid "
+                                f"{action.type.__name__}") from None
+        if action.choices and value not in action.choices:
+            raise TrainingError(f"--settings {args.settings}: {name} {value!r} is not one of "
+                                f"{', '.join(map(str, action.choices))}")
+        setattr(args, name, value)
 
 
 # ---------------------------------------------------------------- settings
@@ -777,6 +813,8 @@ def dry_run(run: Run, sampler: WindowSampler, steps: int = 3) -> None:
 
 def main() -> int:
     args = parse_args()
+    if args.fp8:
+        check_fp8_training()
     quiet_libraries()
     preset = load_preset(args.config)
     output_dir = Path(args.output_dir or f"checkpoints/pretrain/{preset.model_name}")
@@ -796,6 +834,9 @@ def main() -> int:
     if resume_dir:
         check_resume_compatible(resume_dir, resumed_run, preset, data)
     attn = resolve_attention(args.attn)
+    if not resume_dir and preset.vocab_size != len(data.tokenizer):
+        accelerator.print(f"note: {args.config} sets vocab_size {preset.vocab_size:,}; the model takes the "
+                          f"{len(data.tokenizer):,} tokens of the data's tokenizer ({data.path / TOKENIZER_DIR})")
 
     # Model: fresh from the preset (vocabulary from the tokenizer), or the resumed checkpoint's weights.
     if resume_dir:
@@ -806,6 +847,9 @@ def main() -> int:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device).train()
+    if args.fp8:
+        converted = convert_to_fp8_training(model)
+        accelerator.print(f"fp8: {converted} linear layers train with float8 matmuls (torchao)")
     plan = make_plan(args, len(data.train), accelerator, model)
     optimizers = build_optimizers(model, args.optimizer, args.learning_rate, args.weight_decay,
                                   (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.muon_learning_rate,

@@ -90,7 +90,7 @@ def main() -> int:
 
     tokenizer = load_tokenizer(model_dir)
     apply_template(tokenizer, settings.prompt_template)
-    model = load_base_model(model_dir, args.attn)
+    model = load_base_model(model_dir, args.attn, args.load_in_4bit)
     max_length = effective_max_length(settings.max_length, model)
     examples = tokenize_sft(tokenizer, conversations, max_length, settings.overlong_policy, stats)
     train, held_out = split_eval(examples, settings.eval_fraction, settings.max_eval_samples, settings.seed)

@@ -107,12 +107,12 @@ def main() -> int:
     tokenizer = load_tokenizer(model_dir)
     apply_template(tokenizer, template)
     if is_adapter(model_dir):
-        model, base = load_adapter_for_training(model_dir, args.attn), adapter_base_path(model_dir)
+        model, base = load_adapter_for_training(model_dir, args.attn, args.load_in_4bit), adapter_base_path(model_dir)
         if args.full:
             # peft froze the base weights under the adapter; full DPO trains every one of them.
             model, base = model.merge_and_unload().requires_grad_(True), None
     else:
-        model, base = load_base_model(model_dir, args.attn), model_dir
+        model, base = load_base_model(model_dir, args.attn, args.load_in_4bit), model_dir
     max_length = effective_max_length(settings.max_length, model)
     pairs = filter_preferences_by_length(tokenizer, pairs, max_length, settings.overlong_policy, stats)
     train, held_out = split_eval(pairs, settings.eval_fraction, settings.max_eval_samples, settings.seed)

@@ -32,10 +32,12 @@ import torch  # noqa: E402
 
 from utils.checkpoint import atomic_write_json, atomic_write_text, describe_missing, resolve_checkpoint  # noqa: E402
 from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
+from utils.contamination import BUILTIN_EVALS  # noqa: E402
 from utils.eval_data import (  # noqa: E402
     EvalDataError,
     SourceInfo,
     SourceUnavailable,
+    contamination_of,
     data_path_from_run,
     detokenize_wikitext,
     load_boolq,
@@ -44,6 +46,7 @@ from utils.eval_data import (  # noqa: E402
     load_wikitext,
     mc_task_name,
     parse_field_map,
+    training_contamination,
 )
 from utils.evaluation import (  # noqa: E402
     EvaluationError,
@@ -345,6 +348,26 @@ class Evaluator:
         return {"metrics": metrics}
 
 
+def warn_contaminated(checkpoint: Path, results_tasks: dict[str, Any], args: argparse.Namespace) -> None:
+    """A warning beside each score whose eval set overlaps the model's training data (per its data card)."""
+    found = training_contamination(checkpoint)
+    if found is None:
+        return
+    meta_file, rows = found
+    scored = {name: task for name, task in results_tasks.items() if name != "mc"}
+    scored |= {f"mc.{name}": task for name, task in results_tasks.get("mc", {}).items() if isinstance(task, dict)}
+    default_prompts = f"{BUILTIN_EVALS}:generate-prompts" if args.prompts_path is None else None
+    for name, task in scored.items():
+        row = contamination_of(task, rows, default_prompts if name == "generate" else None)
+        if row is None:
+            continue
+        task["contamination"] = {k: row[k] for k in ("contaminated_items", "checked_items", "share")}
+        share = f"{row['share']:.1%}" if row["share"] is not None else "n/a"
+        print(f"warning: [{name}] {row['contaminated_items']} of {row['checked_items']} items ({share}) of "
+              f"{row['eval_set']} share an n-gram with this model's training data ({meta_file}); the score may be "
+              "inflated")
+
+
 def main() -> int:
     args = parse_args()
     quiet_libraries()
@@ -391,6 +414,7 @@ def main() -> int:
         seconds[task] = round(time.perf_counter() - started, 2)
         logger.log({"task": task, "seconds": seconds[task], **flatten_metrics({task: results_tasks[task]})})
         print(f"[{task}] done in {seconds[task]:.1f} s")
+    warn_contaminated(checkpoint, results_tasks, args)
     if "metrics" in results_tasks.get("speed", {}):
         results_tasks["speed"]["metrics"]["peak_memory_mb"] = round(peak_memory_mb(device), 1)
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
+from utils.files import read_text  # noqa: E402
 from utils.generation import (  # noqa: E402
     ChatSession,
     GenerationError,
@@ -88,6 +89,15 @@ def parse_args() -> argparse.Namespace:
     api.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together (API and batch)")
     api.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
     api.add_argument("--max_body_bytes", type=int, default=1 << 20, help="request body size limit (413 above)")
+    api.add_argument("--request_timeout", type=float, default=30.0,
+                     help="seconds a client has to send its whole body once its headers are in; a slower one "
+                          "gets 408 and is disconnected, so a trickled body cannot hold a connection forever")
+    api.add_argument("--timeout_keep_alive", type=int, default=5,
+                     help="seconds an idle keep-alive connection stays open between requests")
+    api.add_argument("--max_connections", type=int, default=128,
+                     help="open connections at most (more get 503): bounds what clients that never finish their "
+                          "headers can hold, which uvicorn does not time out; keep it above "
+                          "--max_batch_size + --max_queue")
     batch = parser.add_argument_group("batch mode")
     batch.add_argument("--prompts_file", default=None,
                        help="JSON list (or JSONL) of prompts: strings, or objects with 'prompt' or 'messages', "
@@ -215,7 +225,7 @@ def read_prompts(path: Path) -> list[dict]:
     """Prompt items from a JSON list or JSONL file; errors name the file, the item and the field."""
     if not path.is_file():
         raise FileNotFoundError(f"--prompts_file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "--prompts_file")
     if path.suffix == ".jsonl":
         items, where = [], []
         for number, line in enumerate(text.splitlines(), 1):
@@ -327,20 +337,25 @@ def api(args: argparse.Namespace, loaded: LoadedModel, api_key: str | None) -> N
         model_id=loaded.name, default_template=template, max_new_tokens_cap=args.max_new_tokens_cap,
         default_max_new_tokens=min(args.max_new_tokens, args.max_new_tokens_cap), max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, api_key=api_key,
+        request_timeout=args.request_timeout,
     )
     app = create_app(loaded, settings)
     print(f"serving {loaded.path} as '{loaded.name}' (template {template or 'none'}) on http://{args.host}:{args.port}"
           f" — chat page /, docs /docs, OpenAI base URL http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
+                timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.max_connections)
 
 
 def main() -> None:
     args = parse_args()
     quiet_libraries()
     settings = sampling(args)
-    for name in ("max_batch_size", "max_new_tokens_cap", "max_queue", "max_body_bytes"):
+    for name in ("max_batch_size", "max_new_tokens_cap", "max_queue", "max_body_bytes", "max_connections",
+                 "timeout_keep_alive"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
     api_key = None
     if args.mode == "api":
         from utils.server import api_key_for
@@ -351,6 +366,8 @@ def main() -> None:
         summary = StageSummary("06_serve (batch)")
         if not args.prompts_file or not args.output_file:
             raise ValueError("--mode batch needs --prompts_file and --output_file")
+        if Path(args.output_file).is_dir():
+            raise ValueError(f"--output_file {args.output_file} is a directory; name the JSON file to write")
         items = read_prompts(Path(args.prompts_file))
         per_item = [item_settings(settings, item, f"{args.prompts_file}, item {i}") for i, item in enumerate(items)]
     model_path = Path(args.model_path) if args.model_path else default_model_path(args.preset)

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from utils.config import ConfigError, load_preset  # noqa: E402
+from utils.files import UnreadableFileError  # noqa: E402
 from utils.model import build_model, count_parameters  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def main() -> int:
     for path in paths:
         try:
             preset = load_preset(path)
-        except ConfigError:
+        except (ConfigError, UnreadableFileError):
             continue  # sft.json, gates.json … are not model presets
         with torch.device("meta"):
             counts = count_parameters(build_model(preset))

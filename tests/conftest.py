@@ -25,6 +25,18 @@ from utils.model import build_model  # noqa: E402
 from utils.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip where no CUDA GPU is visible (bench/gpu_check.sh runs them on one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: bench/gpu_check.sh runs these on one")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     import torch
@@ -83,3 +95,42 @@ def processed_dir(tmp_path_factory, tokenizer_dir, corpus) -> Path:
         meta[f"{split}_tokens"], meta[f"{split}_documents"] = writer.tokens, writer.documents
     (path / META).write_text(json.dumps(meta))
     return path
+
+
+@pytest.fixture(scope="session")
+def micro_config(tmp_path_factory, processed_dir) -> Path:
+    """The micro preset as a config file, with the micro corpus's vocabulary."""
+    import dataclasses
+    import json
+
+    from utils.tokens import META
+
+    path = tmp_path_factory.mktemp("preset") / "micro.json"
+    vocab = json.loads((processed_dir / META).read_text())["vocab_size"]
+    path.write_text(json.dumps(dataclasses.asdict(micro_preset(vocab))))
+    return path
+
+
+@pytest.fixture()
+def run_stage(capsys):
+    """Runs `scripts/<script> ARGS` in this process, as `python scripts/<script>` would (runpy, `__main__`):
+    the imports are paid once per test session, not per run. Returns (exit code, stdout, stderr); an exception
+    that escapes the stage comes back as a "traceback: …" code, since a stage must never let one out."""
+    import runpy
+
+    def run(script: str, args: list[str]) -> tuple[int | str, str, str]:
+        saved = sys.argv
+        sys.argv = [script, *args]
+        try:
+            runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+            code: int | str = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except Exception as err:  # noqa: BLE001 - the point: any escaping exception is a defect
+            code = f"traceback: {type(err).__name__}: {err}"
+        finally:
+            sys.argv = saved
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

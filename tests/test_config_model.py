@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.config import ConfigError, load_preset, micro_preset, preset_with
+from utils.files import UnreadableFileError
 from utils.model import build_model, count_parameters, resolve_attention, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def test_missing_field_and_bad_json_are_named(tmp_path):
     with pytest.raises(ConfigError, match="missing required field 'n_head'"):
         load_preset(path)
     path.write_text('{"model_name": "x",\n  oops}')
-    with pytest.raises(ConfigError, match="invalid JSON at line 2"):
+    with pytest.raises(UnreadableFileError, match=r"cannot read config file .*preset.json: invalid JSON at line 2"):
         load_preset(path)
 
 

@@ -126,7 +126,7 @@ def test_run_report_renders_the_run_with_plots(evaluated, inputs, processed_dir)
 
 
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "boolq_format"])
-def test_bad_input_is_refused_with_a_clear_message_and_no_results(inputs, tmp_path, case):
+def test_bad_input_is_refused_with_a_clear_message_and_no_results(inputs, tmp_path, case, run_stage):
     bad_boolq = tmp_path / "bad.jsonl"
     bad_boolq.write_text(json.dumps({"question": "q", "title": "t", "answer": True}) + "\n")
     args, message = {
@@ -134,8 +134,8 @@ def test_bad_input_is_refused_with_a_clear_message_and_no_results(inputs, tmp_pa
         "boolq_format": (["--model_path", str(inputs["checkpoint"]), "--boolq_path", str(bad_boolq)],
                          "bad.jsonl, line 1: field 'passage' is missing"),
     }[case]
-    result = evaluate(*args, "--output_dir", str(tmp_path / "out"))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last and "Traceback" not in result.stderr
+    code, _, stderr = run_stage("05_evaluate.py", [*args, "--output_dir", str(tmp_path / "out")])
+    assert code == 2, code
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()

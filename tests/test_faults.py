@@ -145,7 +145,7 @@ def test_prepare_overwrite_keeps_the_users_files_and_says_what_it_replaced(tmp_p
     previous_data_run(out)
     (out / "notes.txt").write_text("the user's own file")
     flags = ["--input_path", str(source), "--output_dir", str(out), "--tokenizer_path", str(tokenizer_dir),
-             "--language", "none", "--overwrite"]
+             "--language", "none", "--overwrite", "--vocab_size", "999"]
     refused = run_prepare(*flags)
     assert refused.returncode == 2 and "notes.txt" in refused.stderr and "Traceback" not in refused.stderr
     assert (out / "notes.txt").read_text() == "the user's own file" and (out / "train.bin").is_file()
@@ -155,3 +155,4 @@ def test_prepare_overwrite_keeps_the_users_files_and_says_what_it_replaced(tmp_p
     assert replaced.returncode == 0, replaced.stderr
     assert "replaced the previous run's meta.json, summary.json, tokenizer/, train.bin" in replaced.stdout
     assert len(read_meta(out)["files"]) > 2
+    assert "--vocab_size 999 is not used: the vocabulary is --tokenizer_path's" in replaced.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.checkpoint import CheckpointError, verify_checkpoint
-from utils.config import micro_preset
 from utils.metrics import read_metrics
 from utils.tokenizer import load_tokenizer, tokenizer_sha256
 from utils.tokens import META, TOKENIZER_DIR
@@ -42,14 +40,6 @@ def train_losses(output_dir: Path) -> dict[int, float]:
 def deterministic_rows(output_dir: Path) -> list[dict]:
     timing = ("time", "tokens_per_second", "mfu", "memory_mb")
     return [{k: v for k, v in row.items() if k not in timing} for row in read_metrics(output_dir / "metrics.jsonl")]
-
-
-@pytest.fixture(scope="module")
-def micro_config(tmp_path_factory, processed_dir) -> Path:
-    path = tmp_path_factory.mktemp("preset") / "micro.json"
-    vocab = json.loads((processed_dir / META).read_text())["vocab_size"]
-    path.write_text(json.dumps(dataclasses.asdict(micro_preset(vocab))))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -205,14 +195,19 @@ def test_resuming_with_another_tokenizer_is_a_clear_error(run_a, micro_config, p
     assert "tokenizer mismatch" in result.stderr and f"{len(tokenizer)} tokens" in result.stderr
 
 
-def test_dry_run_reports_sizes_and_estimates_and_writes_nothing(micro_config, processed_dir, tmp_path):
+def test_dry_run_reports_sizes_and_estimates_and_writes_nothing(micro_config, processed_dir, tmp_path, run_stage):
     output_dir = tmp_path / "never"
-    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
-                      "--dry_run", "--max_tokens", "100000", "--seq_len_schedule", "32:0.5,64:1.0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "without embeddings" in result.stdout and "256 tokens/step" in result.stdout
-    assert "391 steps" in result.stdout  # ceil(100000 / 256)
-    assert "s/step" in result.stdout and "estimate" in result.stdout
+    preset = json.loads(micro_config.read_text())
+    other_vocab = tmp_path / "micro_32k.json"
+    other_vocab.write_text(json.dumps({**preset, "vocab_size": 32768}))
+    code, stdout, stderr = run_stage("02_pretrain.py", [
+        "--config", str(other_vocab), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+        "--dry_run", "--max_tokens", "100000", "--seq_len_schedule", "32:0.5,64:1.0"])
+    assert code == 0, stderr[-3000:]
+    assert f"sets vocab_size 32,768; the model takes the {preset['vocab_size']:,} tokens" in stdout
+    assert "without embeddings" in stdout and "256 tokens/step" in stdout
+    assert "391 steps" in stdout  # ceil(100000 / 256)
+    assert "s/step" in stdout and "estimate" in stdout
     assert not output_dir.exists()
 
 
@@ -281,22 +276,26 @@ def test_muon_resumes_exactly(micro_config, processed_dir, tmp_path):
         (["--optimizer", "muon", "--config", "config/tiny-moe.json"], "torch.optim.Muon updates 2-D matrices only"),
     ],
 )
-def test_bad_budgets_and_optimizers_are_one_line_errors(flags, message, micro_config, processed_dir, tmp_path):
+def test_bad_budgets_and_optimizers_are_one_line_errors(flags, message, micro_config, processed_dir, tmp_path,
+                                                        run_stage):
     config = [] if "--config" in flags else ["--config", str(micro_config)]
-    result = pretrain(*config, *flags, "--data_path", str(processed_dir), "--output_dir", str(tmp_path / "out"))
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    code, _, stderr = run_stage(SCRIPT.removeprefix("scripts/"), [*config, *flags, "--data_path", str(processed_dir),
+                                                                  "--output_dir", str(tmp_path / "out")])
+    assert code == 2, f"{code}\n{stderr[-3000:]}"
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in stderr
     if "--time_budget" in flags and "1s" not in flags:
         assert "45s, 10m, 1.5h" in errors[0]
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_dry_run_with_a_time_budget_says_what_fits_and_writes_nothing(micro_config, processed_dir, tmp_path):
+def test_dry_run_with_a_time_budget_says_what_fits_and_writes_nothing(micro_config, processed_dir, tmp_path,
+                                                                     run_stage):
     output_dir = tmp_path / "never"
-    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
-                      "--dry_run", "--time_budget", "2h")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "budget 2h →" in result.stdout and "what fits in --time_budget 2h" in result.stdout
-    assert "tokens per parameter" in result.stdout
+    code, stdout, stderr = run_stage("02_pretrain.py", ["--config", str(micro_config), "--data_path",
+                                                        str(processed_dir), "--output_dir", str(output_dir),
+                                                        "--dry_run", "--time_budget", "2h"])
+    assert code == 0, stderr[-3000:]
+    assert "budget 2h →" in stdout and "what fits in --time_budget 2h" in stdout
+    assert "tokens per parameter" in stdout
     assert not output_dir.exists()

@@ -2,7 +2,8 @@
 
 Two servers start once for the module (in parallel): an open one, and one that requires an API key.
 Expected outputs are computed in this process with the same checkpoint and `utils.generation`, so every
-check compares real text, not just shapes.
+check compares real text, not just shapes. The few tests that must reach into the scheduler (to slow it
+down, break it, or read its counters at once) run the app in this process instead.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import queue
 import select
 import shutil
 import signal
@@ -19,17 +21,32 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
-from utils.generation import GenerationSettings, generate, load_for_inference
+from utils.generation import (
+    BatchDecoder,
+    GenerationSettings,
+    SequenceState,
+    encode_prompt,
+    generate,
+    load_for_inference,
+)
+from utils.server import Scheduler, ServerSettings, Service, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 CAP = 48
 BODY_LIMIT = 20_000
+REQUEST_TIMEOUT = 1.0
 
 
 def free_port() -> int:
@@ -77,7 +94,9 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="module")
 def servers(micro_checkpoint):
-    procs = {"open": start_server(micro_checkpoint), "keyed": start_server(micro_checkpoint, "--api_key", API_KEY)}
+    limits = ("--request_timeout", str(REQUEST_TIMEOUT), "--max_connections", "64", "--timeout_keep_alive", "5")
+    procs = {"open": start_server(micro_checkpoint, *limits),
+             "keyed": start_server(micro_checkpoint, "--api_key", API_KEY)}
     try:
         for proc, url in procs.values():
             wait_healthy(proc, url)
@@ -189,9 +208,9 @@ def check_openai_routes(client, server: str, local) -> None:
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
 ])
-def test_validation_errors_are_422_naming_the_field(server, path, body, field):
+def test_validation_errors_are_400_naming_the_field(server, path, body, field):
     response = httpx.post(f"{server}{path}", json=body, timeout=30)
-    assert response.status_code == 422
+    assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == field and field in error["message"]
 
@@ -267,6 +286,190 @@ def test_api_key_required_on_every_route_but_health(servers):
             client.models.list()
     with OpenAI(base_url=f"{keyed}/v1", api_key=API_KEY, max_retries=0, timeout=30) as client:
         assert client.models.list().data
+
+
+# --------------------------------------------------------------------------- robustness: bad input, hang-ups, failures
+
+CHAT = '"messages": [{"role": "user", "content": "hi"}]'
+
+
+@pytest.mark.parametrize("path, raw, status, param", [
+    ("/generate", f'{{"prompt": "x", "seed": {2**70}}}', 400, "seed"),
+    ("/generate", f'{{"prompt": "x", "temperature": 1, "seed": {-2**70}}}', 400, "seed"),
+    ("/v1/chat/completions", f'{{{CHAT}, "seed": {2**70}}}', 400, "seed"),
+    ("/generate", '{"prompt": "x\\ud800y"}', 400, "prompt"),
+    ("/v1/completions", '{"prompt": ["\\ud800"]}', 400, "prompt"),
+    ("/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", '
+     '"text": "\\ud800"}]}]}', 400, "messages.1.content"),
+    ("/generate", '{"prompt": "x", "temperature": 1, "repetition_penalty": 5e-324}', 400, "repetition_penalty"),
+    ("/generate", '{"prompt": "x", "stop": ""}', 400, "stop.0"),
+    ("/v1/chat/completions", f'{{{CHAT}, "stop": ["a", ""]}}', 400, "stop.1"),
+    ("/v1/completions", '{"prompt": []}', 400, "prompt"),
+    ("/v1/completions", '{"prompt": ["a", "b"]}', 400, "prompt"),
+    ("/generate", '{"prompt": "x", "stream": 0}', 400, "stream"),
+    ("/v1/chat/completions", f'{{{CHAT}, "stream": 1}}', 400, "stream"),
+    ("/v1/chat/completions", f'{{{CHAT}, "top_k": false}}', 400, "top_k"),
+    ("/generate", '{"prompt": "x", "max_new_tokens": true}', 400, "max_new_tokens"),
+    ("/generate", '{"prompt": "x",', 400, None),
+    ("/generate", '[{"prompt": "x"}]', 400, None),
+    ("/v1/chat/completions", '"hi"', 400, None),
+    ("/v1/completions", '', 400, None),
+])
+def test_bad_requests_get_openai_errors_naming_the_param(server, path, raw, status, param):
+    """Never a 500 for what a client sent: a raw body (lone surrogates stay JSON escapes) gets a 4xx error object."""
+    response = httpx.post(f"{server}{path}", content=raw.encode(), headers={"content-type": "application/json"},
+                          timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and (param is None or param in error["message"])
+
+
+def test_schema_states_the_limits_and_cold_sampling_is_greedy(server, local):
+    schemas = httpx.get(f"{server}/openapi.json").json()["components"]["schemas"]
+    fields, completion = schemas["GenerateRequest"]["properties"], schemas["CompletionRequest"]["properties"]
+    seed = next(s for s in fields["seed"]["anyOf"] if s["type"] == "integer")
+    assert seed["minimum"] == -(2**63) and seed["maximum"] == pytest.approx(2**63 - 1)  # FastAPI writes floats
+    assert {"minLength": 1, "type": "string"} in fields["stop"]["anyOf"]
+    prompt_list = next(s for s in completion["prompt"]["anyOf"] if s["type"] == "array")
+    assert (prompt_list["minItems"], prompt_list["maxItems"]) == (1, 1)
+    assert "1e-05" in fields["temperature"]["description"]
+    # 5e-324 would overflow the logits to NaN: below the documented threshold sampling is greedy.
+    body = {"prompt": "Lists and tuples", "max_new_tokens": 12, "temperature": 5e-324}
+    response = httpx.post(f"{server}/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == expected_text(local, "Lists and tuples", max_new_tokens=12)
+
+
+def test_unexpected_failures_are_openai_shaped_json(local, monkeypatch):
+    def broken(*_) -> list[int]:
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(Service, "encode", broken)
+    with TestClient(create_app(local, ServerSettings(model_id="micro")), raise_server_exceptions=False) as client:
+        failed = client.post("/generate", json={"prompt": "x"})
+        missing = client.get("/no/such/route")
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+
+
+@contextmanager
+def in_process(app: FastAPI) -> Iterator[int]:
+    """`app` served by uvicorn on a thread of this process (its port), so a test can watch its scheduler."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive())
+        assert server.started, "the in-process server did not start"
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(0.005)
+
+
+def test_non_streaming_request_is_cancelled_when_its_client_hangs_up(local, monkeypatch):
+    original = BatchDecoder.step
+
+    def slow_step(self: BatchDecoder) -> None:  # a model this small finishes before a client can hang up
+        time.sleep(0.01)
+        original(self)
+
+    monkeypatch.setattr(BatchDecoder, "step", slow_step)
+    app = create_app(local, ServerSettings(model_id="micro", max_new_tokens_cap=100))
+    scheduler = app.state.service.scheduler
+    body = json.dumps({"prompt": "Hello", "max_new_tokens": 100, "temperature": 0}).encode()
+    with in_process(app) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: scheduler.stats()["active"] == 1)
+        wait_until(lambda: scheduler.stats()["cancelled"] == 1)
+        assert scheduler.stats()["generated_tokens"] < 50
+        after = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30)
+        assert after.status_code == 200
+
+
+def test_slow_body_gets_408_and_others_are_still_served(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"prompt":')
+        started = time.monotonic()
+        assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+        sock.settimeout(REQUEST_TIMEOUT + 5)
+        reply = b""
+        while chunk := sock.recv(1 << 16):  # until the server closes the connection
+            reply += chunk
+        waited = time.monotonic() - started
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and waited < REQUEST_TIMEOUT + 2, (head, waited)
+    assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("where", ["sampling", "forward"])
+def test_a_failing_sequence_fails_alone_and_its_batch_goes_on(local, monkeypatch, where):
+    prompts = ["Lists and tuples", "BOOM: this one breaks", "The for statement", "What is a dict?"]
+    bad = encode_prompt(local.tokenizer, prompts[1])
+
+    def breaks(seq: SequenceState) -> bool:  # a few tokens in, so the failure lands mid-batch
+        return seq.prompt_ids == bad and len(seq.generated) >= 3
+
+    if where == "sampling":  # one row of the batch fails (e.g. NaN probabilities)
+        accept = SequenceState.accept
+
+        def failing_accept(self: SequenceState, logits: torch.Tensor) -> int | None:
+            if breaks(self):
+                raise RuntimeError("injected failure")
+            return accept(self, logits)
+
+        monkeypatch.setattr(SequenceState, "accept", failing_accept)
+    else:  # the batched forward step fails while the bad sequence is in it
+        step = BatchDecoder.step
+
+        def failing_step(self: BatchDecoder) -> None:
+            if any(breaks(s) for s in self.sequences):
+                raise RuntimeError("injected failure")
+            step(self)
+
+        monkeypatch.setattr(BatchDecoder, "step", failing_step)
+    scheduler = Scheduler(local, max_batch_size=4, max_queue=8)
+    settings = GenerationSettings(max_new_tokens=30)
+    events = {p: queue.Queue() for p in prompts}
+    for prompt in prompts:  # all queued before the thread starts: they share one batch
+        ids = encode_prompt(local.tokenizer, prompt)
+        scheduler.submit(scheduler.decoder.new_sequence(ids, settings, events[prompt].put))
+    scheduler.start()
+    try:
+        finals = {}
+        for prompt in prompts:
+            while (event := events[prompt].get(timeout=60)).result is None and event.error is None:
+                pass
+            finals[prompt] = event
+    finally:
+        scheduler.stop()  # joins the thread, so its counters are final
+    stats = scheduler.stats()
+    assert "injected failure" in finals[prompts[1]].error
+    for prompt in (prompts[0], prompts[2], prompts[3]):
+        assert finals[prompt].error is None
+        assert finals[prompt].result.text == expected_text(local, prompt, max_new_tokens=30), prompt
+    assert (stats["failed"], stats["completed"], stats["active"]) == (1, 3, 0)
+
+
+def test_models_and_health_give_the_context_the_page_fits_to(server):
+    card = httpx.get(f"{server}/v1/models").json()["data"][0]
+    assert (card["context_length"], card["max_tokens_cap"]) == (128, CAP)
+    assert httpx.get(f"{server}/health").json()["context_length"] == 128
 
 
 # --------------------------------------------------------------------------- the chat page in Chromium
@@ -391,5 +594,26 @@ def test_chat_page_streams_replies_in_headless_chromium(servers, local):
                 assert state["replies"][turn] == want
                 assert state["chunks"] > 1  # the reply arrived as a stream of pieces
                 history.append({"role": "assistant", "content": want})
+            # What the page sends fits the context: the oldest turns go first, then max_tokens shrinks.
+            fitted = devtools.evaluate(session, """(() => {
+                const history = [];
+                for (let i = 0; i < 6; i++) history.push({role: "user", content: "u".repeat(40)},
+                                                         {role: "assistant", content: "a".repeat(40)});
+                const limits = {contextLength: 128, maxTokensCap: 48, bytesPerToken: 2};
+                const kept = fitRequest("", history, "hi", 150, limits);
+                const alone = fitRequest("", [], "x".repeat(200), 150, limits);
+                return {sent: kept.messages.length, dropped: kept.dropped, max: kept.maxTokens,
+                        last: kept.messages.at(-1).content, total: estimateTokens(kept.messages, 2) + kept.maxTokens,
+                        alone: alone.maxTokens};
+            })()""")
+            assert fitted == {"sent": 3, "dropped": 5, "max": 48, "last": "hi", "total": 121, "alone": 12}
+            # A message too long for the context even alone: the page shows the server's own message.
+            devtools.evaluate(session, """(() => {
+                document.getElementById('input').value = 'word '.repeat(150);
+                document.getElementById('form').requestSubmit();
+            })()""")
+            shown = wait_for(devtools, session, "document.getElementById('status').dataset.state === 'error' && "
+                                                "document.querySelectorAll('.assistant')[2].textContent")
+            assert "exceeds the model's context window of 128 tokens" in shown
         finally:
             devtools.close()

@@ -177,14 +177,15 @@ def test_batch_mode_writes_every_output(micro_checkpoint, local, tmp_path):
     assert "06_serve (batch) summary" in run.stdout
 
 
-def test_batch_mode_bad_prompt_names_file_item_and_field(micro_checkpoint, tmp_path):
+def test_batch_mode_bad_prompt_names_file_item_and_field(micro_checkpoint, tmp_path, run_stage):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["ok", {"prompt": "x", "temprature": 0.5}]))
-    run = run_script("--model_path", str(micro_checkpoint), "--mode", "batch", "--prompts_file", str(prompts),
-                     "--output_file", str(tmp_path / "out.json"))
-    assert run.returncode == 2
-    assert f"{prompts}, item 1" in run.stderr and "temprature" in run.stderr
-    assert "Traceback" not in run.stderr and not (tmp_path / "out.json").exists()
+    code, _, stderr = run_stage("06_serve.py", ["--model_path", str(micro_checkpoint), "--mode", "batch",
+                                                "--prompts_file", str(prompts), "--output_file",
+                                                str(tmp_path / "out.json")])
+    assert code == 2
+    assert f"{prompts}, item 1" in stderr and "temprature" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "out.json").exists()
 
 
 def test_public_bind_needs_an_api_key(monkeypatch):

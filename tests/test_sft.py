@@ -118,12 +118,12 @@ def test_sft_resume_continues_from_the_last_checkpoint(sft_run):
     assert steps == sorted(set(steps)) and steps[-1] == 8  # no step trained twice
 
 
-def test_sft_bad_input_exits_with_a_message(micro_checkpoint, tmp_path):
-    done = run_script("scripts/03_sft.py", "--model_path", str(micro_checkpoint), "--prompt_template", "alpaca",
-                      "--output_dir", str(tmp_path / "out"))
-    assert done.returncode == 2
-    assert "invalid choice: 'alpaca' (choose from 'chatml', 'instruct', 'chat')" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_sft_bad_input_exits_with_a_message(micro_checkpoint, tmp_path, run_stage):
+    code, _, stderr = run_stage("03_sft.py", ["--model_path", str(micro_checkpoint), "--prompt_template", "alpaca",
+                                              "--output_dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "invalid choice: 'alpaca' (choose from 'chatml', 'instruct', 'chat')" in stderr
+    assert "Traceback" not in stderr
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"is not a checkpoint: missing model.safetensors, tokenizer.json"):

@@ -19,7 +19,6 @@ Preference formats:
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from utils.files import read_bytes, read_json, read_text, reading
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -108,16 +109,8 @@ class TokenizedExample:
 # ---------------------------------------------------------------- reading records
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def _read_json(path: Path) -> list[Located]:
-    try:
-        with _open_text(path) as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise ChatDataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    data = read_json(path, "dataset")
     if not isinstance(data, list):
         raise ChatDataError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
     return [(f"{path} record {i}", record) for i, record in enumerate(data, 1)]
@@ -125,14 +118,13 @@ def _read_json(path: Path) -> list[Located]:
 
 def _read_jsonl(path: Path) -> list[Located]:
     records = []
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path} line {number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ChatDataError(f"{path} line {number}: invalid JSON at column {err.colno}: {err.msg}") from None
+    for number, line in enumerate(read_text(path, "dataset").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ChatDataError(f"{path} line {number}: invalid JSON at column {err.colno}: {err.msg}") from None
     return records
 
 
@@ -140,8 +132,9 @@ def _read_parquet(path: Path) -> list[Located]:
     import pyarrow.parquet as pq
 
     # pyarrow reads parquet from a seekable file: a .gz is decompressed into memory first.
-    source = io.BytesIO(gzip.open(path, "rb").read()) if path.suffix == ".gz" else path
-    rows = pq.read_table(source).to_pylist()
+    source = io.BytesIO(read_bytes(path, "dataset")) if path.suffix == ".gz" else path
+    with reading(path, "dataset"):
+        rows = pq.read_table(source).to_pylist()
     return [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
 
 

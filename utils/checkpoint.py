@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from utils.files import read_json, reading
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -194,6 +196,18 @@ def describe_missing(path: Path) -> str | None:
     return None
 
 
+def check_readable(path: Path) -> None:
+    """Reads every JSON file and safetensors header a loader will open, so a damaged one is named with its cause
+    (transformers would fail on it with a message that names no file, or with a traceback)."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.json")):
+        read_json(file, "checkpoint file")
+    for file in sorted(path.glob("*.safetensors")):
+        with reading(file, "checkpoint weights"), safe_open(file, "pt") as handle:
+            handle.keys()
+
+
 def adapter_base_path(adapter_dir: Path) -> Path:
     """The base model of a peft adapter; a relative path is tried from the cwd, then from the adapter."""
     base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
@@ -220,6 +234,7 @@ def load_model(
     problem = describe_missing(path)
     if problem:
         raise CheckpointError(problem)
+    check_readable(path)
     tokenizer = load_tokenizer(path)
     if (path / ADAPTER_CONFIG).is_file():
         from peft import PeftModel

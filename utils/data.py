@@ -20,6 +20,7 @@ import numpy as np
 
 from utils.corpus import BUILTIN_NAME, builtin_documents
 from utils.dedup import minhash_permutations, minhash_signatures, text_sha256, word_characters
+from utils.files import read_bytes, reading
 from utils.language import LanguageIdentifier
 
 TEXT_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")  # .raw: plain text, as WikiText ships
@@ -42,6 +43,9 @@ class ReadStats:
     non_string: int = 0
     formats: Counter = field(default_factory=Counter)
     fields: dict[str, list[str]] = field(default_factory=dict)
+    records_by_input: Counter = field(default_factory=Counter)
+    characters_by_input: Counter = field(default_factory=Counter)
+    replaced_by_input: Counter = field(default_factory=Counter)
 
     def note_malformed(self, where: str, strict: bool) -> None:
         if strict:
@@ -100,9 +104,10 @@ def _open_text(path: Path, stats: ReadStats) -> io.TextIOBase:
 
     def count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
         stats.replaced_characters += err.end - err.start
+        stats.replaced_by_input[str(path)] += err.end - err.start
         return "\ufffd", err.end
 
-    handler = f"count-replace-{id(stats)}"
+    handler = f"count-replace-{id(stats)}-{path}"
     codecs.register_error(handler, count_and_replace)
     return io.TextIOWrapper(raw, encoding="utf-8", errors=handler, newline=None)
 
@@ -194,7 +199,7 @@ def _read_json(path: Path, picker: _FieldPicker, stats: ReadStats) -> Iterator[s
 def _read_parquet(path: Path, picker: _FieldPicker) -> Iterator[str | None]:
     import pyarrow.parquet as pq
 
-    source = io.BytesIO(gzip.open(path, "rb").read()) if path.name.lower().endswith(".gz") else path
+    source = io.BytesIO(read_bytes(path)) if path.name.lower().endswith(".gz") else path
     parquet = pq.ParquetFile(source)
     row = 0
     for batch in parquet.iter_batches(batch_size=1024):
@@ -245,10 +250,24 @@ def read_documents(
                 "json": lambda: _read_json(path, picker, stats),
                 "parquet": lambda: _read_parquet(path, picker),
             }[kind]()
-        for text in documents:
-            if text is not None:
-                stats.records += 1
-                yield text
+        with reading(spec, "input"):
+            for text in documents:
+                if text is not None:
+                    stats.records += 1
+                    stats.records_by_input[spec] += 1
+                    stats.characters_by_input[spec] += len(text)
+                    yield text
+
+
+def check_text_like(stats: ReadStats, specs: list[str]) -> None:
+    """Refuses inputs that are mostly bytes that are not UTF-8: binary files given as text."""
+    for spec in specs:
+        replaced, read = stats.replaced_by_input[spec], stats.characters_by_input[spec]
+        if read and replaced > 0.1 * read:
+            raise DataError(
+                f"input {spec} does not look like text: {replaced:,} of its {read:,} characters are bytes that are "
+                "not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8 first)"
+            )
 
 
 # --------------------------------------------------------------------------- cleaning

@@ -76,21 +76,29 @@ def combine_word_hashes(word_hashes: list[int]) -> int:
     return (combined ^ (combined >> 32)) & 0xFFFFFFFF
 
 
-def shingle_hashes(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(document index, 32-bit hash) of every shingle of `size` consecutive lower-cased words, grouped by
-    document; a document of `size` words or fewer is one shingle of all its words."""
-    counts, hashed_words = word_hashes(texts)
+def word_ngram_hashes(counts: np.ndarray, hashed_words: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document index, 64-bit hash) of every run of `size` consecutive words that lies inside one document,
+    from `word_hashes`' output; a document shorter than `size` words has none."""
     ends = np.cumsum(counts)
     windows = max(len(hashed_words) - size + 1, 0)
     combined = np.zeros(windows, dtype=np.uint64)
     for offset in range(size):
         combined = combined * _MIX + hashed_words[offset:offset + windows]
-    window_document = np.repeat(np.arange(len(texts)), counts)[:windows]
+    window_document = np.repeat(np.arange(len(counts)), counts)[:windows]
     inside = np.arange(windows) + size <= ends[window_document]
+    return window_document[inside], combined[inside]
+
+
+def shingle_hashes(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document index, 32-bit hash) of every shingle of `size` consecutive lower-cased words, grouped by
+    document; a document of `size` words or fewer is one shingle of all its words."""
+    counts, hashed_words = word_hashes(texts)
+    ends = np.cumsum(counts)
+    window_document, combined = word_ngram_hashes(counts, hashed_words, size)
     short = np.flatnonzero(counts <= size)
     short_hashes = [combine_word_hashes(hashed_words[ends[d] - counts[d]:ends[d]].tolist()) for d in short]
-    documents = np.concatenate([window_document[inside], short])
-    folded = combined[inside] ^ (combined[inside] >> np.uint64(32))
+    documents = np.concatenate([window_document, short])
+    folded = combined ^ (combined >> np.uint64(32))
     hashes = np.concatenate([folded.astype(np.uint32), np.array(short_hashes, dtype=np.uint32)])
     order = np.argsort(documents, kind="stable")
     return documents[order], hashes[order]

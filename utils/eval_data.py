@@ -17,6 +17,7 @@ from typing import Any
 
 from utils.checkpoint import ADAPTER_CONFIG, CheckpointError, adapter_base_path, resolve_checkpoint, sha256_file
 from utils.evaluation import ChoiceItem
+from utils.files import read_json, read_text
 
 HUB = "hub"
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # the id "wikitext" moved there
@@ -134,11 +135,7 @@ def detokenize_wikitext(text: str) -> str:
 def _read_text_file(path: Path, flag: str) -> str:
     if not path.is_file():
         raise EvalDataError(f"{flag}: {path} does not exist or is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise EvalDataError(f"{flag}: {path} is not UTF-8 text (invalid byte at offset {err.start})") from None
+    text = read_text(path, flag)
     first = text.lstrip()[:1]
     if first in "{[" and first:
         raise EvalDataError(
@@ -167,22 +164,18 @@ def load_wikitext(spec: str, limit: int | None = None) -> tuple[list[str], Sourc
 def _jsonl_records(path: Path, flag: str) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise EvalDataError(f"{flag}: {path} does not exist or is not a file")
-    with open(path, encoding="utf-8") as handle:
+    for number, line in enumerate(read_text(path, flag).splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise EvalDataError(
-                        f"{path}, line {number}: not valid JSON ({err.msg}); expected one JSON object per line"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise EvalDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-                yield number, record
-        except UnicodeDecodeError:
-            raise EvalDataError(f"{flag}: {path} is not UTF-8 text") from None
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalDataError(
+                f"{path}, line {number}: not valid JSON ({err.msg}); expected one JSON object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise EvalDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _string_field(record: dict[str, Any], name: str, where: str, expected: str) -> str:
@@ -313,10 +306,7 @@ def load_prompts(path: str | Path | None) -> list[str | list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"--prompts_path: {path} does not exist or is not a file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EvalDataError(f"--prompts_path: {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    data = read_json(path, "--prompts_path")
     expected = 'a JSON list of prompts: "text", {"prompt": "text"} or [{"role": "user", "content": "text"}, ...]'
     if not isinstance(data, list) or not data:
         raise EvalDataError(f"--prompts_path: {path} must hold {expected}")
@@ -339,11 +329,30 @@ def data_path_from_run(checkpoint: Path) -> Path | None:
         run_file = directory / "run.json"
         if not run_file.is_file():
             continue
-        run = json.loads(run_file.read_text(encoding="utf-8"))
+        run = read_json(run_file, "run record")
         args = run.get("args") or {}
         value = args.get("data_path") or run.get("data_path")
         if value:
             return Path(value)
+    return None
+
+
+def training_contamination(checkpoint: Path) -> tuple[Path, list[dict[str, Any]]] | None:
+    """The contamination table of the data the checkpoint was trained on (its meta.json), when it has one."""
+    data_dir = data_path_from_run(checkpoint)
+    meta_file = data_dir / "meta.json" if data_dir else None
+    if meta_file is None or not meta_file.is_file():
+        return None
+    card = read_json(meta_file, "data description").get("contamination")
+    return (meta_file, card["eval_sets"]) if card else None
+
+
+def contamination_of(task: dict[str, Any], rows: list[dict[str, Any]], default_set: str | None) -> dict | None:
+    """The row for the eval set a task scored (same file sha256, or the built-in set it used), if it overlaps."""
+    for row in rows:
+        same = row.get("sha256") and row["sha256"] == task.get("sha256")
+        if (same or (default_set and row["eval_set"] == default_set)) and row["contaminated_items"]:
+            return row
     return None
 
 
@@ -366,7 +375,7 @@ def _parent_checkpoint(checkpoint: Path) -> Path | None:
     run_file = checkpoint / "run.json"
     if not run_file.is_file():
         return None
-    run = json.loads(run_file.read_text(encoding="utf-8"))
+    run = read_json(run_file, "run record")
     args = run.get("args") or {}
     for value in (run.get("base_model"), args.get("model_path"), args.get("base_model")):
         if isinstance(value, str) and Path(value).exists():

@@ -31,6 +31,7 @@ from utils.checkpoint import (
     adapter_base_path,
     atomic_directory,
     atomic_write_json,
+    check_readable,
     describe_missing,
     git_commit,
     recover_interrupted_writes,
@@ -40,6 +41,8 @@ from utils.checkpoint import (
 )
 from utils.cli import progress
 from utils.config import ConfigError, from_dict, load_json
+from utils.files import UnreadableFileError
+from utils.gpu import check_4bit_loading, load_4bit_for_training
 from utils.metrics import MetricsLogger, memory_mb
 from utils.model import resolve_attention
 from utils.templates import TEMPLATES, save_template_name
@@ -170,7 +173,7 @@ def config_default(config_path: str | Path, settings_cls: type) -> Callable[[str
     """`(config: VALUE)` for a field of the default config file, for --help (the class default if unreadable)."""
     try:
         values = dataclasses.asdict(from_dict(settings_cls, load_json(config_path), str(config_path)))
-    except ConfigError:
+    except (ConfigError, UnreadableFileError):
         values = dataclasses.asdict(settings_cls())
 
     def show(key: str) -> str:
@@ -215,6 +218,9 @@ def add_training_flags(parser: argparse.ArgumentParser, config: Callable[[str], 
     add("--lora_target_modules", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
         help=f"comma-separated names of the linear layers to adapt {config('lora.target_modules')}")
     add("--full", action="store_true", help="fine-tune all weights instead of a LoRA adapter")
+    add("--load_in_4bit", action="store_true",
+        help="QLoRA: load the model's linear layers in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute, "
+             "gradient checkpointing) and train a LoRA adapter on them; a CUDA GPU only")
     add("--merge", action="store_true", help="also write merged/: the adapter folded into a plain HF model")
     add("--max_samples", type=int, help="use at most N examples of the dataset (sampled with --seed)")
     add("--resume", action="store_true", help=f"continue from the last checkpoint in <output_dir>/{STATE_DIR}/")
@@ -237,7 +243,27 @@ def load_settings(cls: type, config_path: str | Path, args: argparse.Namespace):
     lora = {key: getattr(args, flag) for flag, key in LORA_FLAGS.items() if getattr(args, flag, None) is not None}
     updated = dataclasses.replace(settings, **changes, lora=dataclasses.replace(settings.lora, **lora))
     updated.validate(f"{config_path} with command-line flags")
+    check_4bit_flags(args)
     return updated
+
+
+def check_4bit_flags(args: argparse.Namespace) -> None:
+    """`--load_in_4bit` trains a LoRA adapter on frozen 4-bit weights, on a CUDA GPU with bitsandbytes."""
+    if not getattr(args, "load_in_4bit", False):
+        return
+    if getattr(args, "full", False):
+        raise ConfigError(
+            "--load_in_4bit cannot be combined with --full: 4-bit weights are frozen quantized constants and cannot "
+            "be fully fine-tuned; drop --full to train a LoRA adapter on the 4-bit model (QLoRA), or drop "
+            "--load_in_4bit to train every weight in full precision"
+        )
+    if getattr(args, "merge", False):
+        raise ConfigError(
+            "--load_in_4bit cannot be combined with --merge: folding the adapter into 4-bit weights would round it "
+            "away; drop --merge (final/ holds the adapter on its full-precision base, which 05_evaluate and "
+            "06_serve load and merge in memory)"
+        )
+    check_4bit_loading()
 
 
 # ---------------------------------------------------------------- input checkpoints and outputs
@@ -283,19 +309,24 @@ def prepare_output(stage_dir: Path, resume: bool) -> str | None:
     return None
 
 
-def load_base_model(directory: Path, attn: str = "auto") -> PreTrainedModel:
-    """A full (non-adapter) checkpoint in fp32 for training; the trainer's autocast handles bf16/fp16."""
+def load_base_model(directory: Path, attn: str = "auto", load_in_4bit: bool = False) -> PreTrainedModel:
+    """A full (non-adapter) checkpoint in fp32 for training (the trainer's autocast handles bf16/fp16), or with
+    `load_in_4bit` its linear layers in NF4 on the GPU for QLoRA."""
+    check_readable(directory)
+    if load_in_4bit:
+        return load_4bit_for_training(directory, resolve_attention(attn))
     return AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, attn_implementation=resolve_attention(attn)
     )
 
 
-def load_adapter_for_training(adapter_dir: Path, attn: str = "auto"):
-    """A LoRA checkpoint on its base with the adapter trainable, to continue training it."""
+def load_adapter_for_training(adapter_dir: Path, attn: str = "auto", load_in_4bit: bool = False):
+    """A LoRA checkpoint on its base (in NF4 with `load_in_4bit`) with the adapter trainable, to train it on."""
     from peft import PeftModel
 
+    check_readable(adapter_dir)
     base_dir = adapter_base_path(adapter_dir)
-    model = PeftModel.from_pretrained(load_base_model(base_dir, attn), adapter_dir, is_trainable=True)
+    model = PeftModel.from_pretrained(load_base_model(base_dir, attn, load_in_4bit), adapter_dir, is_trainable=True)
     # the saved path is relative to the adapter; peft reads it relative to the working directory
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     return model

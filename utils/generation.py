@@ -488,8 +488,16 @@ class BatchDecoder:
         if token is not None:
             self._join(seq, _cache_layers(out.past_key_values), token)
 
+    @torch.inference_mode()
+    def resume(self, seq: SequenceState) -> None:
+        """Joins a sequence already decoding elsewhere (a batch that failed): its cache is rebuilt from its tokens."""
+        context = torch.tensor([seq.prompt_ids + seq.generated[:-1]], device=self.device)
+        out = self.model(input_ids=context, past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                         logits_to_keep=1, **self.prefill_extra)
+        self._join(seq, _cache_layers(out.past_key_values), seq.generated[-1])
+
     def _join(self, seq: SequenceState, kv: KVCache, token: int) -> None:
-        length = len(seq.prompt_ids)
+        length = kv[0][0].shape[2]
         mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         position = torch.tensor([length], device=self.device)
         next_token = torch.tensor([token], device=self.device)

@@ -1,7 +1,8 @@
 """Markdown reports: one evaluation's `report.md`, and the whole run's report with PNG plots (matplotlib, Agg).
 
 The run report gathers what the stages left on disk: `data/processed/*/meta.json` (+ summary.json),
-`checkpoints/<stage>/<preset>/summary.json` and `metrics.jsonl`, and `evaluation_results/**/results.json`.
+`checkpoints/<stage>/<preset>/summary.json` and `metrics.jsonl`, `evaluation_results/**/results.json`, and
+the sweeps' `runs/sweep/*/trials.json`.
 Anything missing is left out with a line saying so; nothing here trains or evaluates.
 """
 
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.files import read_json
 from utils.metrics import read_metrics
 from utils.results import RESULTS_FILE, STAGES, environment_info, load_results
 
@@ -143,21 +147,19 @@ class RunCollection:
     datasets: list[tuple[Path, dict[str, Any], dict[str, Any] | None]] = field(default_factory=list)
     stages: list[StageRun] = field(default_factory=list)
     evaluations: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
+    sweeps: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    return read_json(path, "run file") if path.is_file() else None
 
 
-def collect_run(data_dir: Path, checkpoints_dir: Path, results_dir: Path) -> RunCollection:
-    """Everything the pipeline stages wrote, found by the layout in DESIGN.md."""
+def collect_run(data_dir: Path, checkpoints_dir: Path, results_dir: Path, sweeps_dir: Path | None = None) -> RunCollection:
+    """Everything the pipeline stages wrote, found by the layout in DESIGN.md, and the sweeps (scripts/sweep.py)."""
     run = RunCollection()
+    if sweeps_dir is not None:
+        run.sweeps = [(path.parent, _read_json(path)) for path in sorted(sweeps_dir.glob("*/trials.json"))]
     for meta_path in sorted(data_dir.glob("*/meta.json")):
         run.datasets.append((meta_path.parent, _read_json(meta_path), _read_json(meta_path.parent / "summary.json")))
     for stage in STAGES:
@@ -313,12 +315,23 @@ def _dataset_section(run: RunCollection) -> list[str]:
         if filters:
             out += ["Filters, in order:", "", table(["step", "enabled", "kept", "removed"], [
                 [f.get("step"), f.get("enabled"), f.get("kept"), f.get("removed")] for f in filters]), ""]
+        out += _contamination_table(meta.get("contamination"))
         files = meta.get("files") or {}
         if files:
             out += [table(["file", "sha256 (first 16)"], [[k, v[:16]] for k, v in files.items()]), ""]
         if summary and "seconds" in summary:
             out += [f"Prepared in {fmt(summary['seconds'])} s.", ""]
     return out
+
+
+def _contamination_table(card: dict[str, Any] | None) -> list[str]:
+    if not card:
+        return ["Contamination: not checked (01_prepare_data.py --decontaminate_against).", ""]
+    rows = [[r["eval_set"], r["items"], r["checked_items"], r["contaminated_items"],
+             f"{r['share']:.1%}" if r["share"] is not None else "n/a", r["training_documents"]]
+            for r in card["eval_sets"]]
+    return [f"Contamination ({card['ngram']}-gram overlap with the training documents; mode `{card['mode']}`):", "",
+            table(["eval set", "items", "checkable", "overlapping", "share", "training docs"], rows), ""]
 
 
 def _stage_rows(run: RunCollection) -> list[list[Any]]:
@@ -417,9 +430,34 @@ def render_run_report(run: RunCollection, out_dir: Path, title: str = "Training 
     else:
         out += ["No training stage output found.", ""]
     out += _evaluation_section(run, bars_png, out_dir)
+    out += _sweep_section(run, plots_dir, out_dir)
     out += ["## Timings", "", table(["step", "seconds"], _timing_rows(run)), ""]
     out += ["## Environment (at report time)", "", table(["", ""], [[k, v] for k, v in env.items()]), ""]
     return "\n".join(out), [p for p in (loss_png, lr_png, bars_png) if p]
+
+
+def _sweep_section(run: RunCollection, plots_dir: Path, out_dir: Path) -> list[str]:
+    """Each sweep's trials and best settings, with its optimisation history plot copied beside the others."""
+    if not run.sweeps:
+        return []
+    out = ["## Hyper-parameter sweeps", ""]
+    for directory, sweep in run.sweeps:
+        trials = sweep["trials"]
+        states = Counter(t["state"].lower() for t in trials)
+        out += [f"### `{directory}` ({sweep['study']})", "",
+                f"{len(trials)} trials: " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())) + ".", ""]
+        done = sorted((t for t in trials if t["val_loss"] is not None), key=lambda t: t["val_loss"])
+        if done:
+            names = sorted(done[0]["settings"])
+            out += ["Best trials:", "", table(["trial", "val loss", "seconds", *names], [
+                [t["number"], t["val_loss"], t["seconds"], *[t["settings"].get(n) for n in names]] for t in done[:5]]), ""]
+        history = directory / "history.png"
+        if history.is_file():
+            copy = plots_dir / f"sweep-{directory.name}.png"
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(history, copy)
+            out += [f"![optimisation history]({copy.relative_to(out_dir)})", ""]
+    return out
 
 
 def _timing_rows(run: RunCollection) -> list[list[Any]]:

@@ -22,6 +22,7 @@ import transformers
 
 from utils.checkpoint import ADAPTER_CONFIG, CHECKSUMS, adapter_base_path, git_commit, sha256_file
 from utils.config import ConfigError, from_dict, load_json
+from utils.files import read_json
 from utils.generation import LoadedModel
 from utils.model import count_parameters
 from utils.tokenizer import tokenizer_sha256
@@ -73,10 +74,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         path = path / RESULTS_FILE
     if not path.is_file():
         raise ResultsError(f"{path} does not exist: expected a results.json written by scripts/05_evaluate.py")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ResultsError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    data = read_json(path, "results file")
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
         raise ResultsError(f"{path} is not an evaluation results file: the 'metrics' object is missing")
     return data

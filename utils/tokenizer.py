@@ -12,6 +12,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import generate_merges
 
+from utils.files import read_json, unreadable
 from utils.templates import CHATML
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -110,11 +111,21 @@ def train_tokenizer(
     return tokenizer
 
 
+# Every JSON file AutoTokenizer may open (config.json tells it the model type).
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise TokenizerError(f"{path} holds no Hugging Face tokenizer (tokenizer.json is missing)")
-    return AutoTokenizer.from_pretrained(path)
+    for name in TOKENIZER_JSON_FILES:
+        if (path / name).is_file():
+            read_json(path / name, "tokenizer file" if name != "config.json" else "checkpoint file")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - the Rust backend raises plain Exception for a file it cannot parse
+        raise unreadable(path / "tokenizer.json", err, "tokenizer file") from None
 
 
 def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

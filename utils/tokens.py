@@ -16,6 +16,7 @@ import numpy as np
 
 from utils.checkpoint import CHECKSUMS
 from utils.cli import SUMMARY
+from utils.files import read_json
 
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -98,7 +99,10 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
             f"{data_dir} is not a processed data directory: {META} is missing "
             "(run scripts/01_prepare_data.py, or `make prepare`, first)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json(path, "data description")
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
