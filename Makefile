@@ -29,6 +29,7 @@ TRIALS ?=
 OUT ?=
 DRY_RUN ?=
 IMAGE ?= mini-llm-serve
+QUANT ?=
 ACCELERATE_CONFIG ?=
 
 PRETRAIN_DIR = checkpoints/pretrain/$(MODEL)
@@ -47,7 +48,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERA
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
         sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline test test-robustness \
         bench bench-prepare bench-pretrain bench-serve bench-quality \
-        config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint gpu-check docker-build docker-run \
+        config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint gpu-check docker-build docker-run export-gguf \
         cleanup-checkpoints disk-usage
 
 help: ## List every target with one line each
@@ -150,6 +151,11 @@ test: ## Run the test suite (CPU, offline, micro models)
 test-robustness: ## Kill -9 loop over a micro pretraining + schemathesis fuzzing of a live server (~5 min; installs schemathesis)
 	$(VENV)/bin/pip install -q -r requirements-robustness.txt
 	$(PYTHON) -m pytest -m robustness tests/test_robustness.py -v $(ARGS)
+
+export-gguf: ## GGUF file + Ollama Modelfile of a pretrain or merged checkpoint: CKPT=checkpoints/sft/tiny/merged QUANT=f16|q8_0|f32 [OUT=file.gguf]
+	@test -n "$(CKPT)" || { echo "usage: make export-gguf CKPT=checkpoints/sft/$(MODEL)/merged [QUANT=f16|q8_0|f32] [OUT=file.gguf]"; exit 2; }
+	$(PYTHON) scripts/export_gguf.py --model_path $(CKPT) --outtype $(or $(QUANT),f16) \
+	    --output $(or $(OUT),checkpoints/gguf/$(subst /,-,$(patsubst checkpoints/%,%,$(patsubst %/,%,$(CKPT))))-$(or $(QUANT),f16).gguf) $(ARGS)
 
 # ---------------------------------------------------------------- GPU check and inference image
 gpu-check: ## The prepared GPU check (≤ 8 min on one H100/H200) -> OUT/gpu_check.json; DRY_RUN=1 only plans

@@ -4,7 +4,8 @@
 LoRA by default (peft; `--full` trains every weight), trl's SFTTrainer, any supported dataset format
 (see utils/chat_data.py) rendered with the chosen chat template. Writes `<output_dir>/final/` (adapter
 or model, tokenizer carrying the template, template.json, run.json), `latest`, `metrics.jsonl`,
-`summary.json`, and with `--merge` a plain Hugging Face model in `<output_dir>/merged/`.
+`summary.json`, and for a LoRA run (unless `--no-merge`) a plain Hugging Face model in
+`<output_dir>/merged/`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> int:
     if is_adapter(model_dir):
         raise CheckpointError(
             f"--model_path {model_dir} is a LoRA adapter; fine-tune a full model: its base, or the merged "
-            "model `03_sft.py --merge` writes to <output_dir>/merged"
+            "model 03_sft.py writes to <output_dir>/merged (unless --no-merge)"
         )
     stage_dir = Path(args.output_dir) if args.output_dir else default_output_dir("sft", model_dir)
     resume_from = prepare_output(stage_dir, args.resume)
@@ -109,10 +110,11 @@ def main() -> int:
     if held_out and resume_from is None:
         summary.add(eval_loss_before=round(trainer.evaluate()["eval_loss"], 4))
     result = trainer.train(resume_from_checkpoint=resume_from)
+    final_eval = {"eval_loss": round(trainer.evaluate()["eval_loss"], 4)} if held_out else {}
     if held_out:
-        summary.add(eval_loss_after=round(trainer.evaluate()["eval_loss"], 4))
+        summary.add(eval_loss_after=final_eval["eval_loss"])
 
-    run_info = run_record("sft", args, settings, model_dir, stats, trainer, result)
+    run_info = run_record("sft", args, settings, model_dir, stats, trainer, result, final_eval=final_eval)
     written = save_outputs(trainer, tokenizer, stage_dir, settings.prompt_template, run_info, model_dir, args.merge)
     summary.add(steps=trainer.state.global_step, train_loss=round(result.training_loss, 4),
                 train_seconds=round(result.metrics["train_runtime"], 1),

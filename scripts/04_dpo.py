@@ -6,7 +6,8 @@ inside the same model, so the base weights are held once), or a full checkpoint 
 reference = adapters disabled; with `--full` every weight trains against a frozen copy). Data: prompt /
 chosen / rejected records or Anthropic HH dialogues (see utils/chat_data.py). Writes `<output_dir>/final/`,
 `latest`, `metrics.jsonl` (loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies),
-`summary.json`, and with `--merge` a plain Hugging Face model in `<output_dir>/merged/`.
+`summary.json`, and for a LoRA run (unless `--no-merge`) a plain Hugging Face model in
+`<output_dir>/merged/`.
 """
 
 from __future__ import annotations
@@ -134,11 +135,14 @@ def main() -> int:
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_logged = {key: logger.last("train", key) for key in REPORTED}
     summary.add(train_last_logged={k: round(v, 4) for k, v in train_logged.items() if v is not None})
+    final_eval = {}
     if held_out:
         after = trainer.evaluate()
         summary.add(eval_after={key: round(after[f"eval_{key}"], 4) for key in REPORTED})
+        final_eval = {f"eval_{key}": round(after[f"eval_{key}"], 4) for key in REPORTED}
 
-    run_info = run_record("dpo", args, settings, model_dir, stats, trainer, result, template=template)
+    run_info = run_record("dpo", args, settings, model_dir, stats, trainer, result, template=template,
+                          final_eval=final_eval)
     written = save_outputs(trainer, tokenizer, stage_dir, template, run_info, base, args.merge)
     summary.add(steps=trainer.state.global_step, train_loss=round(result.training_loss, 4),
                 train_seconds=round(result.metrics["train_runtime"], 1), resumed_from=resume_from, **written)

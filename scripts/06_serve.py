@@ -85,6 +85,12 @@ def parse_args() -> argparse.Namespace:
     api.add_argument("--api_key", default=None,
                      help="Bearer token required on every route but /health and the chat page; prefer the "
                           "SERVE_API_KEY environment variable (a flag shows in `ps`)")
+    api.add_argument("--served_model_name", default=None,
+                     help="the model id /v1/models lists and OpenAI requests may name (another name is a 404); "
+                          "default: the checkpoint path below checkpoints/")
+    api.add_argument("--cors_origins", default=None,
+                     help="comma-separated origins whose pages may call the API from a browser (CORS), e.g. "
+                          "http://localhost:3000, or *; default: none, and no CORS headers")
     api.add_argument("--max_new_tokens_cap", type=int, default=512, help="server-side cap on max_new_tokens")
     api.add_argument("--max_batch_size", type=int, default=8, help="sequences decoded together (API and batch)")
     api.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
@@ -327,21 +333,23 @@ def batch(args: argparse.Namespace, loaded: LoadedModel, items: list[dict], per_
 # --------------------------------------------------------------------------- api
 
 
-def api(args: argparse.Namespace, loaded: LoadedModel, api_key: str | None) -> None:
+def api(args: argparse.Namespace, loaded: LoadedModel, api_key: str | None, cors_origins: list[str]) -> None:
     import uvicorn
 
     from utils.server import ServerSettings, create_app
 
     template = resolve_template(args, loaded)
+    name = args.served_model_name or loaded.name
     settings = ServerSettings(
-        model_id=loaded.name, default_template=template, max_new_tokens_cap=args.max_new_tokens_cap,
+        model_id=name, default_template=template, max_new_tokens_cap=args.max_new_tokens_cap,
         default_max_new_tokens=min(args.max_new_tokens, args.max_new_tokens_cap), max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, api_key=api_key,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, cors_origins=cors_origins,
     )
     app = create_app(loaded, settings)
-    print(f"serving {loaded.path} as '{loaded.name}' (template {template or 'none'}) on http://{args.host}:{args.port}"
-          f" — chat page /, docs /docs, OpenAI base URL http://{args.host}:{args.port}/v1", flush=True)
+    cors = f", CORS for {', '.join(cors_origins)}" if cors_origins else ""
+    print(f"serving {loaded.path} as '{name}' (template {template or 'none'}) on http://{args.host}:{args.port}"
+          f" — chat page /, docs /docs, OpenAI base URL http://{args.host}:{args.port}/v1{cors}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5,
                 timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.max_connections)
 
@@ -356,11 +364,14 @@ def main() -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.request_timeout > 0:
         raise ValueError(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
-    api_key = None
+    api_key, cors_origins = None, []
     if args.mode == "api":
-        from utils.server import api_key_for
+        from utils.server import api_key_for, parse_cors_origins
 
         api_key = api_key_for(args.host, args.api_key)
+        cors_origins = parse_cors_origins(args.cors_origins)
+        if args.served_model_name is not None and not args.served_model_name.strip():
+            raise ValueError("--served_model_name is empty: give the name clients should send as `model`")
     if args.mode == "batch":
         # The prompts are checked before the model is loaded: a typo fails in a second, not after loading.
         summary = StageSummary("06_serve (batch)")
@@ -378,7 +389,7 @@ def main() -> None:
     elif args.mode == "batch":
         batch(args, loaded, items, per_item, summary)
     else:
-        api(args, loaded, api_key)
+        api(args, loaded, api_key, cors_origins)
 
 
 if __name__ == "__main__":

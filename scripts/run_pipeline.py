@@ -142,11 +142,12 @@ def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
                                    str(data), "--output_dir", str(ckpt["pretrain"]),
                                    *pretrain_budget(profile.pretrain, args.time_budget)],
              ckpt["pretrain"], resumable=True),
+        # --merge: every fine-tuning stage also leaves a standalone model (merged/) that other tools take as it is.
         Step("sft", python + ["scripts/03_sft.py", "--model_path", str(ckpt["pretrain"]), "--dataset_path",
-                              args.sft_dataset, "--output_dir", str(ckpt["sft"]), *profile.sft],
+                              args.sft_dataset, "--output_dir", str(ckpt["sft"]), "--merge", *profile.sft],
              ckpt["sft"], [args.sft_dataset]),
         Step("dpo", python + ["scripts/04_dpo.py", "--model_path", str(ckpt["sft"]), "--dataset_path",
-                              args.dpo_dataset, "--output_dir", str(ckpt["dpo"]), *profile.dpo],
+                              args.dpo_dataset, "--output_dir", str(ckpt["dpo"]), "--merge", *profile.dpo],
              ckpt["dpo"], [args.dpo_dataset]),
     ]
     evaluated: list[Step] = []

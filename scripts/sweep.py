@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from utils.config import load_preset  # noqa: E402
 from utils.files import read_json  # noqa: E402
 from utils.metrics import read_metrics  # noqa: E402
 from utils.sweep import (  # noqa: E402
+    INTERRUPTED,
     SweepError,
     finished_trials,
     open_study,
@@ -105,7 +107,15 @@ def run_trial(trial, args: argparse.Namespace, space: dict[str, Any], output_dir
             if finished:
                 break
             time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        # The sweep is stopping (Ctrl-C, kill): this trial did not fail, so it runs again on resume. (A sweep
+        # killed outright leaves it running; open_study finds it by its dead pid.)
+        trial.set_user_attr("failure", INTERRUPTED)
+        trial.study.enqueue_trial(trial.params)
+        raise
     finally:
+        if process.poll() is None:  # the sweep itself is stopping: take its running trial with it
+            process.kill()
         process.wait()
         log.close()
     trial.set_user_attr("seconds", round(time.time() - started, 1))
@@ -150,14 +160,16 @@ def print_table(study) -> None:
 
 def main() -> int:
     args = parse_args()
+    # `kill <pid>` stops the sweep as Ctrl-C does, so the running trial is stopped too and queued again.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     preset = load_preset(args.config)
     output_dir = Path(args.output_dir or f"runs/sweep/{preset.model_name}")
     space = parse_space(read_json(args.space, "--space") if args.space else None, preset)
     output_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(output_dir, preset, space, args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(output_dir, preset, space, args)
     remaining = args.trials - finished_trials(study)
-    print(f"sweep {study.study_name}: {len(study.trials)} trials so far, {max(0, remaining)} to run, "
+    print(f"sweep {study.study_name}: {finished_trials(study)} trials finished, {max(0, remaining)} to run, "
           f"storage {output_dir / 'study.db'}")
 
     def stop_when_done(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:

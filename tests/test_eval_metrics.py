@@ -10,9 +10,8 @@ import torch
 
 from utils.checkpoint import load_model
 from utils.config import micro_preset
-from utils.eval_data import boolq_item
+from utils.eval_data import ChoiceItem, boolq_item
 from utils.evaluation import (
-    ChoiceItem,
     EvaluationError,
     LMScore,
     check_context_length,

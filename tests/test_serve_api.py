@@ -44,6 +44,8 @@ from utils.server import Scheduler, ServerSettings, Service, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
+SERVED = "micro"  # the open server's --served_model_name; the keyed one serves the default name
+PAGE_ORIGIN = "http://page.example:3000"  # the keyed server's --cors_origins
 CAP = 48
 BODY_LIMIT = 20_000
 REQUEST_TIMEOUT = 1.0
@@ -95,8 +97,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
 @pytest.fixture(scope="module")
 def servers(micro_checkpoint):
     limits = ("--request_timeout", str(REQUEST_TIMEOUT), "--max_connections", "64", "--timeout_keep_alive", "5")
-    procs = {"open": start_server(micro_checkpoint, *limits),
-             "keyed": start_server(micro_checkpoint, "--api_key", API_KEY)}
+    procs = {"open": start_server(micro_checkpoint, *limits, "--served_model_name", SERVED),
+             "keyed": start_server(micro_checkpoint, "--api_key", API_KEY, "--cors_origins", PAGE_ORIGIN)}
     try:
         for proc, url in procs.values():
             wait_healthy(proc, url)
@@ -180,12 +182,12 @@ def test_openai_client_chat_and_completions(server, local):
 def check_openai_routes(client, server: str, local) -> None:
     assert [m.id for m in client.models.list().data] == [httpx.get(f"{server}/health").json()["model"]]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
-    chat = client.chat.completions.create(model="micro", messages=messages, max_tokens=25, temperature=0)
+    chat = client.chat.completions.create(model=SERVED, messages=messages, max_tokens=25, temperature=0)
     want = expected_text(local, messages, max_new_tokens=25)
     assert chat.choices[0].message.content == want and chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens <= 25 and chat.choices[0].finish_reason in ("stop", "length")
 
-    stream = client.chat.completions.create(model="micro", messages=messages, max_tokens=25, temperature=0,
+    stream = client.chat.completions.create(model=SERVED, messages=messages, max_tokens=25, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -193,9 +195,9 @@ def check_openai_routes(client, server: str, local) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
-    completion = client.completions.create(model="micro", prompt="The for statement", max_tokens=15, temperature=0)
+    completion = client.completions.create(model=SERVED, prompt="The for statement", max_tokens=15, temperature=0)
     assert completion.choices[0].text == expected_text(local, "The for statement", max_new_tokens=15)
-    streamed = client.completions.create(model="micro", prompt="The for statement", max_tokens=15, temperature=0,
+    streamed = client.completions.create(model=SERVED, prompt="The for statement", max_tokens=15, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
 
@@ -219,8 +221,9 @@ def test_limits_context_window_cap_and_body_size(server):
     long_prompt = "word " * 150
     response = httpx.post(f"{server}/generate", json={"prompt": long_prompt, "max_new_tokens": 10}, timeout=30)
     assert response.status_code == 400
-    message = response.json()["error"]["message"]
-    assert "+ max_new_tokens (10)" in message and "context window of 128 tokens" in message
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "context_length_exceeded")
+    assert "+ max_new_tokens (10)" in error["message"] and "context window of 128 tokens" in error["message"]
 
     capped = httpx.post(f"{server}/generate", json={"prompt": "Hi", "max_new_tokens": 100, "temperature": 0},
                         timeout=60).json()
@@ -306,7 +309,8 @@ CHAT = '"messages": [{"role": "user", "content": "hi"}]'
     ("/generate", '{"prompt": "x", "stop": ""}', 400, "stop.0"),
     ("/v1/chat/completions", f'{{{CHAT}, "stop": ["a", ""]}}', 400, "stop.1"),
     ("/v1/completions", '{"prompt": []}', 400, "prompt"),
-    ("/v1/completions", '{"prompt": ["a", "b"]}', 400, "prompt"),
+    ("/v1/completions", '{"prompt": ["a", []]}', 400, "prompt"),
+    ("/v1/completions", '{"prompt": [1, true]}', 400, "prompt"),
     ("/generate", '{"prompt": "x", "stream": 0}', 400, "stream"),
     ("/v1/chat/completions", f'{{{CHAT}, "stream": 1}}', 400, "stream"),
     ("/v1/chat/completions", f'{{{CHAT}, "top_k": false}}', 400, "top_k"),
@@ -332,8 +336,8 @@ def test_schema_states_the_limits_and_cold_sampling_is_greedy(server, local):
     seed = next(s for s in fields["seed"]["anyOf"] if s["type"] == "integer")
     assert seed["minimum"] == -(2**63) and seed["maximum"] == pytest.approx(2**63 - 1)  # FastAPI writes floats
     assert {"minLength": 1, "type": "string"} in fields["stop"]["anyOf"]
-    prompt_list = next(s for s in completion["prompt"]["anyOf"] if s["type"] == "array")
-    assert (prompt_list["minItems"], prompt_list["maxItems"]) == (1, 1)
+    prompt_forms = [s.get("items", s) for s in completion["prompt"]["anyOf"]]
+    assert {"type": "string"} in prompt_forms and {"type": "integer"} in prompt_forms  # text and token ids
     assert "1e-05" in fields["temperature"]["description"]
     # 5e-324 would overflow the logits to NaN: below the documented threshold sampling is greedy.
     body = {"prompt": "Lists and tuples", "max_new_tokens": 12, "temperature": 5e-324}
@@ -464,6 +468,31 @@ def test_a_failing_sequence_fails_alone_and_its_batch_goes_on(local, monkeypatch
         assert finals[prompt].error is None
         assert finals[prompt].result.text == expected_text(local, prompt, max_new_tokens=30), prompt
     assert (stats["failed"], stats["completed"], stats["active"]) == (1, 3, 0)
+
+
+def test_served_model_name_flag_and_default(servers, micro_checkpoint):
+    assert httpx.get(f"{servers['open']}/v1/models/{SERVED}").json()["id"] == SERVED
+    keyed = httpx.get(f"{servers['keyed']}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert keyed["data"][0]["id"] == micro_checkpoint.name  # outside checkpoints/: the directory's name
+    other = httpx.post(f"{servers['open']}/v1/completions", json={"model": "gpt-4", "prompt": "x"}, timeout=30)
+    assert other.status_code == 404 and other.json()["error"]["message"] == "The model `gpt-4` does not exist."
+
+
+def test_cors_preflight_passes_the_key_check_only_with_the_flag(servers):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = httpx.options(f"{servers['keyed']}/v1/chat/completions", headers={"Origin": PAGE_ORIGIN, **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == PAGE_ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    stranger = httpx.options(f"{servers['keyed']}/v1/chat/completions",
+                             headers={"Origin": "http://evil.example", **preflight})
+    assert stranger.status_code == 400 and "access-control-allow-origin" not in stranger.headers
+    # The page can read why a keyless call was refused; the key is still required.
+    refused = httpx.get(f"{servers['keyed']}/v1/models", headers={"Origin": PAGE_ORIGIN})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == PAGE_ORIGIN
+    # Without --cors_origins: no CORS headers, and a preflight is just an OPTIONS request.
+    plain = httpx.options(f"{servers['open']}/v1/chat/completions", headers={"Origin": PAGE_ORIGIN, **preflight})
+    assert plain.status_code == 405 and not any(h.startswith("access-control-") for h in plain.headers)
 
 
 def test_models_and_health_give_the_context_the_page_fits_to(server):

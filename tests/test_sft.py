@@ -83,7 +83,7 @@ def test_sft_writes_a_loadable_adapter_that_matches_its_merged_model(sft_run):
     verify_checkpoint(final)
     verify_checkpoint(out / "merged")
     config = json.loads((final / "adapter_config.json").read_text())
-    assert not Path(config["base_model_name_or_path"]).is_absolute()
+    assert config["base_model_name_or_path"] == str(base.resolve())  # absolute: resolves from any cwd
     assert adapter_base_path(final).resolve() == base.resolve()
     assert load_template_name(final) == load_template_name(out / "merged") == "instruct"
     adapter, tokenizer = load_model(out)

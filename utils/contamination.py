@@ -105,8 +105,9 @@ class _SetResult:
     eval_set: EvalSet
     checkable: int
     hashes: np.ndarray  # sorted unique n-gram hashes of the set
-    item_of_hash: list[np.ndarray]  # items holding each hash, aligned with `hashes`
-    contaminated: set[int] = field(default_factory=set)
+    items: np.ndarray  # the items holding hashes[k] are items[starts[k]:starts[k + 1]]
+    starts: np.ndarray
+    matched: np.ndarray  # which of `hashes` a training document held
     documents: int = 0
     examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -123,12 +124,14 @@ class ContaminationCheck:
     def _index(self, eval_set: EvalSet) -> _SetResult:
         counts, hashed = word_hashes(eval_set.items) if eval_set.items else (np.zeros(0, np.int64), None)
         if hashed is None or not len(hashed):
-            return _SetResult(eval_set, 0, np.zeros(0, np.uint64), [])
+            empty = np.zeros(0, np.int64)
+            return _SetResult(eval_set, 0, empty.astype(np.uint64), empty, np.zeros(1, np.int64), empty.astype(bool))
         items, hashes = word_ngram_hashes(counts, hashed, self.n)
-        order = np.lexsort((items, hashes))
+        order = np.argsort(hashes, kind="stable")
         hashes, items = hashes[order], items[order]
         unique, starts = np.unique(hashes, return_index=True)
-        return _SetResult(eval_set, int((counts >= self.n).sum()), unique, np.split(items, starts[1:]))
+        return _SetResult(eval_set, int((counts >= self.n).sum()), unique, items, np.append(starts, len(hashes)),
+                          np.zeros(len(unique), dtype=bool))
 
     def check(self, texts: list[str], names: list[str]) -> list[bool]:
         """For each training document, whether it shares an n-gram with any eval set (recorded for the report)."""
@@ -140,11 +143,13 @@ class ContaminationCheck:
         for result in self.results:
             if not len(result.hashes):
                 continue
-            hit = np.isin(hashes, result.hashes)
+            # The eval side is sorted once in _index; a binary search per training n-gram beats np.isin, which
+            # would sort both sides again for every batch.
+            positions = np.minimum(np.searchsorted(result.hashes, hashes), len(result.hashes) - 1)
+            hit = result.hashes[positions] == hashes
             if not hit.any():
                 continue
-            for position in np.searchsorted(result.hashes, np.unique(hashes[hit])):
-                result.contaminated.update(result.item_of_hash[position].tolist())
+            result.matched[positions[hit]] = True
             involved = np.unique(documents[hit])
             result.documents += len(involved)
             for index in involved[: max(0, EXAMPLES_KEPT - len(result.examples))]:
@@ -153,13 +158,17 @@ class ContaminationCheck:
         return overlapping.tolist()
 
     def report(self) -> list[dict[str, Any]]:
-        return [{
-            "eval_set": r.eval_set.name, "sha256": r.eval_set.sha256, "items": len(r.eval_set.items),
-            "checked_items": r.checkable, "too_short_items": len(r.eval_set.items) - r.checkable,
-            "contaminated_items": len(r.contaminated),
-            "share": round(len(r.contaminated) / r.checkable, 4) if r.checkable else None,
-            "training_documents": r.documents, "examples": r.examples,
-        } for r in self.results]
+        rows = []
+        for r in self.results:
+            contaminated = len(np.unique(r.items[np.repeat(r.matched, np.diff(r.starts))]))
+            rows.append({
+                "eval_set": r.eval_set.name, "sha256": r.eval_set.sha256, "items": len(r.eval_set.items),
+                "checked_items": r.checkable, "too_short_items": len(r.eval_set.items) - r.checkable,
+                "contaminated_items": contaminated,
+                "share": round(contaminated / r.checkable, 4) if r.checkable else None,
+                "training_documents": r.documents, "examples": r.examples,
+            })
+        return rows
 
 
 def describe(rows: list[dict[str, Any]], n: int) -> list[str]:

@@ -11,13 +11,23 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from utils.checkpoint import ADAPTER_CONFIG, CheckpointError, adapter_base_path, resolve_checkpoint, sha256_file
-from utils.evaluation import ChoiceItem
 from utils.files import read_json, read_text
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One multiple-choice question: the answer is the index of the right choice."""
+
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+    source: str = field(default="", compare=False)
+
 
 HUB = "hub"
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # the id "wikitext" moved there

@@ -19,12 +19,13 @@ import resource
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from utils.cli import progress
+from utils.eval_data import ChoiceItem
 from utils.generation import BatchDecoder, GenerationResult, GenerationSettings, Prompt, generate
 
 
@@ -269,16 +270,6 @@ def loglikelihoods(
         bar.update(len(batch))
     bar.close()
     return LoglikelihoodResult(values, truncated)
-
-
-@dataclass(frozen=True)
-class ChoiceItem:
-    """One multiple-choice question: the answer is the index of the right choice."""
-
-    context: str
-    choices: tuple[str, ...]
-    answer: int
-    source: str = field(default="", compare=False)
 
 
 def _stderr(hits: Sequence[bool]) -> float:

@@ -2,7 +2,8 @@
 
 Both stages train with trl (SFTTrainer, DPOTrainer) on a Hugging Face model loaded from a pipeline
 checkpoint, log every trainer log to `metrics.jsonl` with a progress bar, and write their result as a
-checkpoint directory (`final/`, optionally `merged/`) plus a `latest` pointer in the stage directory.
+checkpoint directory (`final/`, and for LoRA unless `--no-merge` also `merged/`) plus a `latest` pointer in the
+stage directory.
 The trainer's own resumable checkpoints (weights, optimizer, scheduler, RNG, data position) live in
 `<stage dir>/training_state/`.
 """
@@ -26,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from utils.chat_data import OVERLONG_POLICIES, PreferencePair, TokenizedExample
 from utils.checkpoint import (
+    ADAPTER_BASE_KEY,
     ADAPTER_CONFIG,
     CheckpointError,
     adapter_base_path,
@@ -38,14 +40,16 @@ from utils.checkpoint import (
     resolve_checkpoint,
     sha256_file,
     update_latest,
+    write_model_card,
 )
 from utils.cli import progress
 from utils.config import ConfigError, from_dict, load_json
-from utils.files import UnreadableFileError
+from utils.files import UnreadableFileError, read_json
 from utils.gpu import check_4bit_loading, load_4bit_for_training
 from utils.metrics import MetricsLogger, memory_mb
 from utils.model import resolve_attention
-from utils.templates import TEMPLATES, save_template_name
+from utils.templates import TEMPLATES, get_template, save_template_name
+from utils.tokenizer import save_tokenizer
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STATE_DIR = "training_state"
@@ -221,7 +225,10 @@ def add_training_flags(parser: argparse.ArgumentParser, config: Callable[[str], 
     add("--load_in_4bit", action="store_true",
         help="QLoRA: load the model's linear layers in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute, "
              "gradient checkpointing) and train a LoRA adapter on them; a CUDA GPU only")
-    add("--merge", action="store_true", help="also write merged/: the adapter folded into a plain HF model")
+    add("--merge", action=argparse.BooleanOptionalAction,
+        help="LoRA runs also write merged/: the adapter folded into its base, a plain transformers model every "
+             "tool loads as it is (llama.cpp's converter, export_gguf.py, vLLM); on by default except with "
+             "--load_in_4bit; --no-merge writes the adapter only. --full writes a full model to final/ either way")
     add("--max_samples", type=int, help="use at most N examples of the dataset (sampled with --seed)")
     add("--resume", action="store_true", help=f"continue from the last checkpoint in <output_dir>/{STATE_DIR}/")
     add("--mixed_precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
@@ -244,6 +251,9 @@ def load_settings(cls: type, config_path: str | Path, args: argparse.Namespace):
     updated = dataclasses.replace(settings, **changes, lora=dataclasses.replace(settings.lora, **lora))
     updated.validate(f"{config_path} with command-line flags")
     check_4bit_flags(args)
+    if getattr(args, "merge", False) is None:
+        # a 4-bit base has no full-precision weights to fold the adapter into
+        args.merge = not getattr(args, "load_in_4bit", False)
     return updated
 
 
@@ -260,8 +270,8 @@ def check_4bit_flags(args: argparse.Namespace) -> None:
     if getattr(args, "merge", False):
         raise ConfigError(
             "--load_in_4bit cannot be combined with --merge: folding the adapter into 4-bit weights would round it "
-            "away; drop --merge (final/ holds the adapter on its full-precision base, which 05_evaluate and "
-            "06_serve load and merge in memory)"
+            "away; drop --merge (with --load_in_4bit the default is --no-merge: final/ holds the adapter on its "
+            "full-precision base, which 05_evaluate and 06_serve load and merge in memory)"
         )
     check_4bit_loading()
 
@@ -326,10 +336,7 @@ def load_adapter_for_training(adapter_dir: Path, attn: str = "auto", load_in_4bi
 
     check_readable(adapter_dir)
     base_dir = adapter_base_path(adapter_dir)
-    model = PeftModel.from_pretrained(load_base_model(base_dir, attn, load_in_4bit), adapter_dir, is_trainable=True)
-    # the saved path is relative to the adapter; peft reads it relative to the working directory
-    model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    return model
+    return PeftModel.from_pretrained(load_base_model(base_dir, attn, load_in_4bit), adapter_dir, is_trainable=True)
 
 
 def effective_max_length(requested: int, model: PreTrainedModel) -> int:
@@ -576,20 +583,36 @@ def save_checkpoint(
     model, tokenizer: PreTrainedTokenizerBase, directory: Path, template: str, run_info: dict[str, Any],
     base_model: Path | None = None,
 ) -> None:
-    """Writes a checkpoint atomically: the adapter (its base named relative to it) or the full model, the
-    tokenizer with the template as its chat template, `template.json`, `run.json`, `checksums.json`."""
+    """Writes a checkpoint atomically: the adapter or the full model, the tokenizer with the template's
+    inference form as its chat template, `template.json`, `run.json`, `README.md`, `checksums.json`.
+
+    An adapter names its base by absolute path, which peft and transformers resolve from any working
+    directory, and run.json adds the path relative to the adapter for when the checkpoints tree moves
+    (adapter_base_path tries both)."""
+    base = base_model.resolve() if base_model is not None else None
+    if base is not None:
+        run_info = {**run_info, ADAPTER_BASE_KEY: os.path.relpath(base, directory.resolve())}
     with atomic_directory(directory) as tmp:
-        if base_model is not None:
+        if base is not None:
             model.save_pretrained(tmp, selected_adapters=["default"])
-            # relative to the adapter, so the checkpoints tree can move (adapter_base_path resolves it)
             config = json.loads((tmp / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            config["base_model_name_or_path"] = os.path.relpath(base_model.resolve(), directory.resolve())
+            config["base_model_name_or_path"] = str(base)
             atomic_write_json(tmp / ADAPTER_CONFIG, config)
         else:
             model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp, get_template(template))
         save_template_name(tmp, template)
         atomic_write_json(tmp / "run.json", run_info)
+        write_model_card(tmp, directory.resolve(), model, run_info, template, base)
+
+
+def _preset_name(model_dir: Path) -> str | None:
+    """The preset a checkpoint descends from, as its run.json records it (pretrain: the preset itself)."""
+    run_file = model_dir / "run.json"
+    if not run_file.is_file():
+        return None
+    preset = read_json(run_file, "checkpoint file").get("preset")
+    return preset.get("model_name") if isinstance(preset, dict) else preset
 
 
 def run_record(stage: str, args: argparse.Namespace, settings: Any, model_dir: Path, stats: Any, trainer: Any,
@@ -598,7 +621,8 @@ def run_record(stage: str, args: argparse.Namespace, settings: Any, model_dir: P
     dataset = Path(args.dataset_path)
     return {
         "stage": stage, "args": vars(args), "settings": dataclasses.asdict(settings), "base_model": str(model_dir),
-        **extra, "dataset": stats.as_dict(), "dataset_sha256": sha256_file(dataset) if dataset.is_file() else None,
+        "preset": _preset_name(model_dir), **extra, "dataset": stats.as_dict(),
+        "dataset_sha256": sha256_file(dataset) if dataset.is_file() else None,
         "git_commit": git_commit(), "metrics": result.metrics, "global_step": trainer.state.global_step,
     }
 

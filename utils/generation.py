@@ -32,6 +32,7 @@ from utils.templates import TEMPLATE_FILE, get_template, load_template_name, sto
 Message = dict[str, str]
 Prompt = str | list[Message]
 ROLES = ("system", "user", "assistant")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 class GenerationError(ValueError):
@@ -60,6 +61,8 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Record each generated token's log-probability and this many most likely alternatives; None = off.
+    logprobs: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -69,6 +72,8 @@ class GenerationSettings:
             ("top_p", 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1.0 = off)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"None or an integer 0-{MAX_TOP_LOGPROBS}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -79,23 +84,42 @@ class GenerationSettings:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits: before temperature, penalties and filters) and the
+    `top` most likely tokens at its position, as (token, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class GenerationResult:
-    """`tokens`: the generated ids (the stop token excluded); `finish_reason`: stop, length or cancelled."""
+    """`tokens`: the generated ids (the stop token excluded); `finish_reason`: stop, length or cancelled.
+
+    `logprobs` (when the settings ask for them): one entry per token in `tokens`, plus the stop token's when a
+    stop token ended the sequence (a scorer needs the log-probability of what the model chose, EOS included).
+    """
 
     text: str
     tokens: list[int]
     finish_reason: str
     timings: dict[str, float]
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class StreamEvent:
-    """One piece of a streamed generation: new text, and on the last event the whole result (or an error)."""
+    """One piece of a streamed generation: new text, and on the last event the whole result (or an error).
+
+    `logprobs`: the entries of the tokens sampled since the previous event (a token can add no text yet).
+    """
 
     delta: str
     result: GenerationResult | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -181,6 +205,17 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings, seen: torch.
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Entries for `tokens` (n,) chosen after the logits rows (n, vocab): their log-softmax and the top alternatives."""
+    log_probs = logits.float().log_softmax(-1)
+    chosen = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
+    values, indices = log_probs.topk(top, dim=-1)
+    return [
+        TokenLogprob(token, logprob, list(zip(ids, lps)))
+        for token, logprob, ids, lps in zip(tokens.tolist(), chosen, indices.tolist(), values.tolist())
+    ]
+
+
 # --------------------------------------------------------------------------- detokenization
 
 
@@ -239,6 +274,8 @@ class SequenceState:
         self.on_event = on_event
         self.stop_ids = set(stop_ids)
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self._reported_logprobs = 0
         self.text = TextStream(tokenizer, settings.stop)
         self.generator: torch.Generator | None = None
         if settings.temperature > 0:
@@ -262,6 +299,8 @@ class SequenceState:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
+        if self.settings.logprobs is not None:
+            self.logprobs += token_logprobs(logits[None], torch.tensor([token]), self.settings.logprobs)
         if token in self.stop_ids:
             self._finish("stop")
             return None
@@ -276,8 +315,13 @@ class SequenceState:
             self._finish("length", delta)
             return None
         if delta and self.on_event:
-            self.on_event(StreamEvent(delta))
+            self.on_event(StreamEvent(delta, logprobs=self._new_logprobs()))
         return token
+
+    def _new_logprobs(self) -> list[TokenLogprob]:
+        new = self.logprobs[self._reported_logprobs:]
+        self._reported_logprobs = len(self.logprobs)
+        return new
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -302,6 +346,7 @@ class SequenceState:
             tokens=list(self.generated),
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
+            logprobs=list(self.logprobs) if self.settings.logprobs is not None else None,
             timings={
                 "queue_seconds": round(started - self.created, 6),
                 "prefill_seconds": round(prefilled - started, 6),
@@ -312,7 +357,7 @@ class SequenceState:
             },
         )
         if self.on_event:
-            self.on_event(StreamEvent(delta, self.result))
+            self.on_event(StreamEvent(delta, self.result, logprobs=self._new_logprobs()))
 
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (batch, kv heads, length, head dim)
@@ -487,6 +532,12 @@ class BatchDecoder:
         token = seq.accept(out.logits[0, -1].cpu())
         if token is not None:
             self._join(seq, _cache_layers(out.past_key_values), token)
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], top: int) -> list[TokenLogprob]:
+        """The entries of `ids[1:]`, each given the tokens before it (the first has no context): one forward pass."""
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, **self.prefill_extra)
+        return token_logprobs(out.logits[0, :-1].cpu(), torch.tensor(ids[1:], dtype=torch.long), top)
 
     @torch.inference_mode()
     def resume(self, seq: SequenceState) -> None:

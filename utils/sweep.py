@@ -171,7 +171,7 @@ def plot_history(trials: list[dict[str, Any]], path: Path) -> Path | None:
         best.append(running)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot([n for n, _ in done], [loss for _, loss in done], "o", label="trial")
-    axis.plot([n for n, _ in done], best, "-", label="best so far")
+    axis.plot([n for n, _ in done], best, "-", drawstyle="steps-post", label="best so far")
     axis.set_xlabel("trial")
     axis.set_ylabel("validation loss")
     axis.legend()

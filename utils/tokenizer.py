@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,8 @@ from utils.templates import CHATML
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 SPM_FILE = "sentencepiece.model"
+# The name llama.cpp's converter, gguf-py and transformers look for beside a checkpoint's tokenizer files.
+CHECKPOINT_SPM_FILE = "tokenizer.model"
 # SentencePiece trains on lines; longer ones are skipped, so documents are fed line by line.
 MAX_LINE_BYTES = 16384
 
@@ -107,12 +110,49 @@ def train_tokenizer(
     model_path = output_dir / SPM_FILE
     train_sentencepiece(texts, vocab_size, model_path, sample_bytes, num_threads)
     tokenizer = hf_tokenizer_from_sentencepiece(model_path)
-    tokenizer.save_pretrained(output_dir)
+    save_tokenizer(tokenizer, output_dir, CHATML)
     return tokenizer
 
 
 # Every JSON file AutoTokenizer may open (config.json tells it the model type).
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
+def sentencepiece_model(directory: str | Path) -> Path | None:
+    """The SentencePiece model beside a tokenizer: a checkpoint's tokenizer.model or a data dir's .model file."""
+    for name in (CHECKPOINT_SPM_FILE, SPM_FILE):
+        if Path(directory, name).is_file():
+            return Path(directory, name)
+    return None
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path, chat_template: str | None) -> None:
+    """Saves `tokenizer` into a checkpoint (or data) directory the way other tools expect to find it.
+
+    `chat_template` is the inference template to ship, or None for a base model (which was never trained on
+    one, so it advertises none). The SentencePiece model the tokenizer was loaded with is copied as
+    `tokenizer.model` when it is there (checkpoints written before it was carried have none), and
+    tokenizer_config.json states that no BOS or EOS is added: llama.cpp, transformers 4's LlamaTokenizer and
+    transformers' GGUF reader all add a BOS to a sentencepiece vocabulary that does not say otherwise, and
+    this one was trained without.
+    """
+    directory = Path(directory)
+    trained_with = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.chat_template = trained_with
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(add_bos_token=False, add_eos_token=False)
+    if chat_template is None:
+        config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    source = sentencepiece_model(tokenizer.name_or_path) if tokenizer.name_or_path else None
+    target = directory / CHECKPOINT_SPM_FILE
+    if source is not None and source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

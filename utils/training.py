@@ -29,9 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from utils.checkpoint import atomic_directory, atomic_write_json
+from utils.checkpoint import atomic_directory, atomic_write_json, write_model_card
 from utils.config import OPTIMIZERS, SCHEDULES
 from utils.metrics import training_flops_per_token
+from utils.tokenizer import save_tokenizer
 SAMPLING = ("strided", "random")
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
@@ -752,7 +753,10 @@ def save_checkpoint(
     state: TrainState,
     run_info: dict[str, Any],
 ) -> None:
-    """Writes a complete checkpoint (HF model dir + tokenizer + training_state/ + run.json) atomically.
+    """Writes a complete checkpoint (HF model dir + tokenizer + training_state/ + run.json + README.md) atomically.
+
+    A base model ships no chat template: it was never trained on one, and tools that find one would prompt
+    it as a chat model.
 
     Every process must call it: gathering sharded weights, optimizer state and RNG states is collective.
     """
@@ -764,10 +768,12 @@ def save_checkpoint(
         rng_states = gather_object(rng_states)
     if accelerator.is_main_process:
         with atomic_directory(directory) as tmp:
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=model_state)
-            tokenizer.save_pretrained(tmp)
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+            unwrapped.save_pretrained(tmp, state_dict=model_state)
+            save_tokenizer(tokenizer, tmp, chat_template=None)
             write_training_state(tmp, state, optimizer_full, rng_states)
             atomic_write_json(tmp / "run.json", run_info)
+            write_model_card(tmp, directory.resolve(), unwrapped, run_info, template=None)
     accelerator.wait_for_everyone()
 
 
