@@ -22,11 +22,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from utils.checkpoint import ADAPTER_BASE_KEY, MODEL_CARD, adapter_base_path, verify_checkpoint
+from utils.checkpoint import ADAPTER_BASE_KEY, adapter_base_path, verify_checkpoint
 from utils.config import micro_preset
 from utils.finetune import SFTSettings, load_settings
 from utils.gguf_export import IM_END, export_gguf, llama_permute, ollama_template, render_turns
 from utils.model import build_model
+from utils.model_card import MODEL_CARD
 from utils.templates import TEMPLATES, TRAINING_TEMPLATES, get_template
 from utils.tokenizer import SPM_FILE, load_tokenizer, save_tokenizer
 from utils.tokens import TOKENIZER_DIR

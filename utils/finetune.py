@@ -40,13 +40,13 @@ from utils.checkpoint import (
     resolve_checkpoint,
     sha256_file,
     update_latest,
-    write_model_card,
 )
 from utils.cli import progress
 from utils.config import ConfigError, from_dict, load_json
 from utils.files import UnreadableFileError, read_json
 from utils.gpu import check_4bit_loading, load_4bit_for_training
 from utils.metrics import MetricsLogger, memory_mb
+from utils.model_card import write_model_card
 from utils.model import resolve_attention
 from utils.templates import TEMPLATES, get_template, save_template_name
 from utils.tokenizer import save_tokenizer

@@ -29,9 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from utils.checkpoint import atomic_directory, atomic_write_json, write_model_card
+from utils.checkpoint import atomic_directory, atomic_write_json
 from utils.config import OPTIMIZERS, SCHEDULES
 from utils.metrics import training_flops_per_token
+from utils.model_card import write_model_card
 from utils.tokenizer import save_tokenizer
 SAMPLING = ("strided", "random")
 STATE_DIR = "training_state"
