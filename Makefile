@@ -35,7 +35,8 @@ ACCELERATE_CONFIG ?=
 PRETRAIN_DIR = checkpoints/pretrain/$(MODEL)
 SFT_DIR = checkpoints/sft/$(MODEL)
 DPO_DIR = checkpoints/dpo/$(MODEL)
-LATEST_MODEL = $(firstword $(foreach d,$(DPO_DIR) $(SFT_DIR) $(PRETRAIN_DIR),$(if $(wildcard $(d)/latest),$(d))))
+# CKPT, else the scripts' default model of MODEL's preset (dpo, else sft, else pretrain: utils/layout.py).
+MODEL_CHOICE = $(if $(CKPT),--model_path $(CKPT),--preset $(MODEL))
 OVERRIDES = $(if $(BATCH_SIZE),--batch_size $(BATCH_SIZE)) $(if $(LEARNING_RATE),--learning_rate $(LEARNING_RATE)) \
             $(if $(MAX_STEPS),--max_steps $(MAX_STEPS))
 # TIME=10m|90m|2h: pretraining for a wall-clock budget instead of a step count (02_pretrain.py --time_budget).
@@ -46,7 +47,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERA
 .PHONY: help install install-gpu check-env presets preflight create-sample-datasets prepare \
         pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe sweep \
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
-        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline test test-robustness \
+        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline lint test test-robustness \
         bench bench-prepare bench-pretrain bench-serve bench-quality \
         config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint gpu-check docker-build docker-run export-gguf \
         cleanup-checkpoints disk-usage
@@ -56,10 +57,11 @@ help: ## List every target with one line each
 	@grep -hE '^[a-zA-Z0-9_% -]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{split($$1, names, " "); printf "  %-26s %s\n", names[1], $$2}'
 
 # ---------------------------------------------------------------- setup
-install: ## Create .venv and install the pinned requirements (CPU torch here; CUDA build on GPU machines)
+install: ## Create .venv, install the pinned requirements (CPU torch here; CUDA build on GPU machines) and the project (editable)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps -e .
 
 install-gpu: install ## Also install the optional GPU extras (flash-attn, wandb)
 	$(VENV)/bin/pip install -r requirements-gpu.txt --no-build-isolation
@@ -110,7 +112,7 @@ dpo: ## Stage 04: DPO of the SFT model on DPO_DATASET
 
 # ---------------------------------------------------------------- evaluation and serving
 evaluate: ## Stage 05: evaluate the newest model (dpo, else sft, else pretrain) -> evaluation_results/<stage>-<preset>/
-	$(PYTHON) scripts/05_evaluate.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) $(ARGS)
+	$(PYTHON) scripts/05_evaluate.py $(MODEL_CHOICE) $(ARGS)
 
 gates: ## Promotion gates of STAGE (pretrain|sft|dpo, default dpo) on its last evaluation; exit 3 when one fails
 	$(PYTHON) scripts/05_evaluate.py --gates $(or $(STAGE),dpo) \
@@ -120,15 +122,15 @@ report: ## One Markdown run report with plots -> reports/report.md
 	$(PYTHON) scripts/07_report.py --output_dir reports $(ARGS)
 
 serve: ## Interactive chat with the newest model (CKPT=… to choose)
-	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode interactive $(ARGS)
+	$(PYTHON) scripts/06_serve.py $(MODEL_CHOICE) --mode interactive $(ARGS)
 
 serve-batch: ## Answer every prompt of PROMPTS=<file.json|jsonl> into OUTPUT (default reports/answers.json)
 	@test -n "$(PROMPTS)" || { echo "usage: make serve-batch PROMPTS=prompts.json OUTPUT=answers.json"; exit 2; }
-	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode batch \
+	$(PYTHON) scripts/06_serve.py $(MODEL_CHOICE) --mode batch \
 	    --prompts_file $(PROMPTS) --output_file $(or $(OUTPUT),reports/answers.json) $(ARGS)
 
 serve-api: ## REST + OpenAI-compatible API and web chat on http://127.0.0.1:8000
-	$(PYTHON) scripts/06_serve.py --model_path $(or $(CKPT),$(LATEST_MODEL),$(PRETRAIN_DIR)) --mode api \
+	$(PYTHON) scripts/06_serve.py $(MODEL_CHOICE) --mode api \
 	    --host 127.0.0.1 --port 8000 $(ARGS)
 
 # ---------------------------------------------------------------- whole runs
@@ -144,6 +146,9 @@ pipeline-full: ## The long run for one 24 GB GPU: MODEL=small (default) or base 
 
 test-pipeline: ## The whole chain with micro settings, checked stage by stage and served over HTTP (~2 min on CPU)
 	$(PYTHON) -m pytest tests/test_pipeline_e2e.py -v $(ARGS)
+
+lint: ## ruff over the whole tree (rules in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 test: ## Run the test suite (CPU, offline, micro models)
 	$(PYTHON) -m pytest $(ARGS)

@@ -23,13 +23,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils.corpus import builtin_documents
+from utils.data import CleaningSettings, ReadStats, clean_documents, read_documents
+from utils.dedup import Deduplicator
+from utils.tokenizer import encode_documents, load_tokenizer
 
-from utils.corpus import builtin_documents  # noqa: E402
-from utils.data import CleaningSettings, ReadStats, clean_documents, read_documents  # noqa: E402
-from utils.dedup import Deduplicator  # noqa: E402
-from utils.tokenizer import encode_documents, load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_TEXT = [
     "tinystories/tinystories_head.txt", "tinyshakespeare/input.txt", "wikitext-2-raw/wiki.valid.raw",
@@ -51,7 +50,8 @@ def eval_sets() -> list[str]:
     """What the contamination check compares against: the shared WikiText-2 test and BoolQ dev, else the
     built-in eval sets."""
     shared = ROOT.parent / "shared" / "data"
-    found = [str(shared / name) for name in ("wikitext-2-raw/wiki.test.raw", "boolq/dev.jsonl") if (shared / name).is_file()]
+    found = [str(shared / name) for name in ("wikitext-2-raw/wiki.test.raw", "boolq/dev.jsonl")
+             if (shared / name).is_file()]
     return found or ["builtin-evals"]
 
 
@@ -67,7 +67,8 @@ def run_stage(inputs: list[str], out: Path, num_proc: int, extra: list[str]) -> 
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     summary = json.loads((out / "summary.json").read_text())
     return {"seconds": summary["seconds"], "phase_seconds": summary["phase_seconds"],
-            "peak_rss_mib": round(max(peak_kib, before) / 1024, 1), "tokens": summary["train_tokens"] + summary["val_tokens"]}
+            "peak_rss_mib": round(max(peak_kib, before) / 1024, 1),
+            "tokens": summary["train_tokens"] + summary["val_tokens"]}
 
 
 def tokenisation_alone(inputs: list[str], tokenizer_dir: Path) -> float:

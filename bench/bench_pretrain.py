@@ -24,23 +24,21 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from utils.config import load_preset
+from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token
+from utils.model import build_model, count_parameters, resolve_attention
+from utils.training import WindowSampler, build_optimizers, flops_per_token, optimizer_step
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-
-from utils.config import load_preset  # noqa: E402
-from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token  # noqa: E402
-from utils.model import build_model, count_parameters, resolve_attention  # noqa: E402
-from utils.training import WindowSampler, build_optimizers, flops_per_token, optimizer_step  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-3, 0.1, 1.0

@@ -23,17 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from utils.config import load_preset
+from utils.corpus import builtin_documents
+from utils.eval_data import split_articles
+from utils.evaluation import sliding_window_score
+from utils.tokenizer import load_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from utils.config import load_preset  # noqa: E402
-from utils.corpus import builtin_documents  # noqa: E402
-from utils.eval_data import split_articles  # noqa: E402
-from utils.evaluation import sliding_window_score  # noqa: E402
-from utils.tokenizer import load_tokenizer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared" / "data"

@@ -28,19 +28,20 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from utils.config import load_preset
+from utils.corpus import builtin_documents
+from utils.decoding import GenerationSettings
+from utils.files import atomic_write_json
+from utils.generation import generate
+from utils.loading import load_for_inference
+from utils.model import build_model
+from utils.tokenizer import load_tokenizer, train_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
-
-from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.config import load_preset  # noqa: E402
-from utils.corpus import builtin_documents  # noqa: E402
-from utils.generation import GenerationSettings, generate, load_for_inference  # noqa: E402
-from utils.model import build_model  # noqa: E402
-from utils.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 PROMPT = "The Python language reference describes the syntax and core semantics of the language. It is terse,"
 TARGET_DECODE_SPEEDUP = 1.2

@@ -470,8 +470,7 @@ def worker_pretrain_bench(attn: str, steps: int, warmup: int) -> None:
     flash-attn 2 whenever it is installed); it prints one JSON row per configuration as it finishes."""
     from unittest import mock
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_pretrain
+    from bench import bench_pretrain
 
     with mock.patch.object(bench_pretrain, "resolve_attention", lambda _choice: attn):
         bench_pretrain.bench_gpu(steps, warmup)
@@ -480,11 +479,12 @@ def worker_pretrain_bench(attn: str, steps: int, warmup: int) -> None:
 def worker_decode(work_dir: Path, new_tokens: int, rounds: int) -> dict[str, Any]:
     """bench_serve.py's batch-1 comparison on the GPU, and 8 greedy streams decoded together, on an untrained model
     of the small preset (speed does not depend on the weights) with its full vocabulary."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_serve
     import torch
 
-    from utils.generation import GenerationSettings, generate_batch, load_for_inference
+    from bench import bench_serve
+    from utils.decoding import GenerationSettings
+    from utils.generation import generate_batch
+    from utils.loading import load_for_inference
 
     work_dir.mkdir(parents=True, exist_ok=True)
     setup = argparse.Namespace(preset=str(ROOT / "config" / "small.json"), model_path=str(work_dir / "none"))

@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import shutil
 import statistics
-import sys
 import time
 from collections import Counter
 from functools import partial
@@ -28,15 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.checkpoint import atomic_directory, recover_interrupted_writes, sha256_file  # noqa: E402
-from utils.cli import StageSummary, progress, run_main  # noqa: E402
-from utils.config import load_preset  # noqa: E402
-from utils.contamination import BUILTIN_EVALS, FORMATS, ContaminationCheck, describe, load_eval_sets  # noqa: E402
-from utils.corpus import BUILTIN_NAME, python_version  # noqa: E402
-from utils.dedup import Deduplicator  # noqa: E402
-from utils.data import (  # noqa: E402
+from utils.cli import StageSummary, progress, run_main
+from utils.config import load_preset
+from utils.contamination import BUILTIN_EVALS, FORMATS, ContaminationCheck, describe, load_eval_sets
+from utils.corpus import BUILTIN_NAME, python_version
+from utils.data import (
     TXT_SPLITS,
     CleanedDocument,
     CleaningSettings,
@@ -49,8 +44,10 @@ from utils.data import (  # noqa: E402
     load_filter_models,
     read_documents,
 )
-from utils.tokenizer import encode_documents, load_tokenizer, tokenizer_sha256, train_tokenizer  # noqa: E402
-from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, check_replaceable, token_dtype  # noqa: E402
+from utils.dedup import Deduplicator
+from utils.files import atomic_directory, recover_interrupted_writes, sha256_file
+from utils.tokenizer import encode_documents, load_tokenizer, tokenizer_sha256, train_tokenizer
+from utils.tokens import META, TOKENIZER_DIR, TokenFileWriter, check_replaceable, token_dtype
 
 FILTER_STEPS = ("code", "too_short", "too_long", "language", "exact_duplicate", "near_duplicate", "contamination")
 STEP_FLAGS = {
@@ -79,7 +76,8 @@ def parse_args() -> argparse.Namespace:
     io_group.add_argument("--max_documents", type=int, default=0, help="read at most this many documents (0 = all)")
     io_group.add_argument("--strict", action="store_true", help="fail on the first malformed JSON line")
     io_group.add_argument("--validate_only", action="store_true",
-                          help="read and report (formats, fields, counts, lengths, languages, duplicates); write nothing")
+                          help="read and report (formats, fields, counts, lengths, languages, duplicates); "
+                               "write nothing")
     clean = parser.add_argument_group("cleaning and filtering (each step reports kept/removed)")
     clean.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                        help="NFC, strip control characters, normalise whitespace")
@@ -87,7 +85,8 @@ def parse_args() -> argparse.Namespace:
                        help="remove http(s)://, ftp:// and www. URLs from the text")
     clean.add_argument("--drop_code", action=argparse.BooleanOptionalAction, default=True,
                        help="drop documents whose lines are mostly source code")
-    clean.add_argument("--code_threshold", type=float, default=0.5, help="share of code-like lines that drops a document")
+    clean.add_argument("--code_threshold", type=float, default=0.5,
+                       help="share of code-like lines that drops a document")
     clean.add_argument("--min_length", type=int, default=50, help="minimum document length in characters")
     clean.add_argument("--max_length", type=int, default=0, help="maximum document length in characters (0 = none)")
     clean.add_argument("--language", default="en", help="keep this language only ('' or 'none' to disable)")
@@ -110,7 +109,8 @@ def parse_args() -> argparse.Namespace:
     split.add_argument("--val_fraction", type=float, default=0.05, help="share of documents held out for validation")
     split.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     split.add_argument("--config", default=None, help="preset whose vocab_size is the default (e.g. config/tiny.json)")
-    split.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary size (default 32768, or the preset's)")
+    split.add_argument("--vocab_size", type=int, default=None,
+                       help="BPE vocabulary size (default 32768, or the preset's)")
     split.add_argument("--tokenizer_sample_bytes", type=int, default=200_000_000,
                        help="train the tokenizer on at most this many bytes of training text (0 = all)")
     split.add_argument("--tokenizer_path", default=None, help="reuse this Hugging Face tokenizer instead of training")
@@ -359,7 +359,8 @@ def prepare_tokenizer(args, cleaned_dir: Path, tokenizer_dir: Path, vocab_size: 
     if args.tokenizer_path:
         tokenizer = load_tokenizer(args.tokenizer_path)
         if (args.vocab_size or args.config) and vocab_size != len(tokenizer):
-            source = f"--vocab_size {args.vocab_size}" if args.vocab_size else f"{args.config}'s vocab_size {vocab_size}"
+            source = (f"--vocab_size {args.vocab_size}" if args.vocab_size
+                      else f"{args.config}'s vocab_size {vocab_size}")
             print(f"note: {source} is not used: the vocabulary is --tokenizer_path's {len(tokenizer):,} tokens")
         shutil.copytree(args.tokenizer_path, tokenizer_dir)
         return tokenizer

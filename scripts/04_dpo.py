@@ -12,25 +12,18 @@ chosen / rejected records or Anthropic HH dialogues (see utils/chat_data.py). Wr
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-from utils.chat_data import (  # noqa: E402
+from utils.chat_data import (
     BUILTIN_DPO,
     filter_preferences_by_length,
     load_preference_dataset,
     split_eval,
 )
-from utils.checkpoint import adapter_base_path  # noqa: E402
-from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
-from utils.finetune import (  # noqa: E402
+from utils.checkpoint import adapter_base_path
+from utils.cli import StageSummary, quiet_libraries, run_main
+from utils.finetune import (
     DPO_LOSS_TYPES,
     DPO_STOP_METRICS,
     DPOSettings,
@@ -39,7 +32,6 @@ from utils.finetune import (  # noqa: E402
     add_training_flags,
     build_dpo_trainer,
     config_default,
-    default_output_dir,
     effective_max_length,
     is_adapter,
     load_adapter_for_training,
@@ -51,9 +43,11 @@ from utils.finetune import (  # noqa: E402
     save_outputs,
     trainable_parameters,
 )
-from utils.model import resolve_precision  # noqa: E402
-from utils.templates import apply_template, load_template_name  # noqa: E402
-from utils.tokenizer import load_tokenizer  # noqa: E402
+from utils.layout import fine_tuning_output_dir
+from utils.model import resolve_precision
+from utils.templates import apply_template, load_template_name
+from utils.tokenizer import load_tokenizer
+from utils.trackers import check_trackers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "dpo.json"
@@ -93,7 +87,8 @@ def main() -> int:
     quiet_libraries()
     settings = load_settings(DPOSettings, args.config_path, args)
     model_dir = resolve_input(args.model_path)
-    stage_dir = Path(args.output_dir) if args.output_dir else default_output_dir("dpo", model_dir)
+    stage_dir = Path(args.output_dir) if args.output_dir else fine_tuning_output_dir("dpo", model_dir)
+    trackers = check_trackers(args.report_to, stage_dir)
     resume_from = prepare_output(stage_dir, args.resume)
     template = settings.prompt_template or load_template_name(model_dir)
     if template != load_template_name(model_dir):
@@ -126,7 +121,7 @@ def main() -> int:
     trainer = build_dpo_trainer(
         model, tokenizer, train, held_out, settings, stage_dir / "training_state", logger,
         full=args.full, max_length=max_length, precision=resolve_precision(args.mixed_precision),
-        gradient_checkpointing=args.gradient_checkpointing, report_to=args.report_to,
+        gradient_checkpointing=args.gradient_checkpointing, report_to=trackers,
     )
     summary.add(parameters=trainable_parameters(trainer.model))
     if held_out and resume_from is None:

@@ -10,8 +10,15 @@ Tasks (--tasks), each skipped with a note in results.json when its data is not a
             majority-class baseline (--boolq_path FILE, or `hub`)
   mc        your multiple-choice JSONL benchmarks (--mc_path, repeatable): accuracy and length-normalised
             accuracy
-  generate  smoke-test generations for prompts (--prompts_path), with the checkpoint's chat template
+  generate  smoke-test generations for prompts (--prompts_path), with the checkpoint's chat template; prompts
+            given with reference answers are also scored: exact match, BLEU (sacrebleu), ROUGE-1/2/L (rouge-score)
   speed     prefill and decode tokens/s, time to first token; peak memory of the whole evaluation
+
+Backends (--backend): `ours` (default) scores everything above with the project's evaluator, whose WikiText
+pages, word and byte counts, prefix token and multiple-choice scoring are lm-evaluation-harness's; `lm-eval`
+runs the harness itself (optional extra: pip install -r requirements-eval.txt) on the same loaded model and
+the same local files, through task YAMLs written to <output_dir>/lm_eval_tasks/, plus any harness task named
+by --lm_eval_tasks. Both write results.json and the harness's results shape, results_lm_eval.json.
 
 Exit codes: 0 done (and gates passed), 2 bad input (nothing written), 3 a promotion gate failed.
 """
@@ -30,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.checkpoint import atomic_write_json, atomic_write_text, describe_missing, resolve_checkpoint  # noqa: E402
+from utils.checkpoint import describe_missing, resolve_checkpoint  # noqa: E402
 from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
 from utils.contamination import BUILTIN_EVALS  # noqa: E402
+from utils.decoding import GenerationSettings  # noqa: E402
 from utils.eval_data import (  # noqa: E402
     EvalDataError,
     SourceInfo,
@@ -43,6 +51,7 @@ from utils.eval_data import (  # noqa: E402
     load_boolq,
     load_multiple_choice,
     load_prompts,
+    load_references,
     load_wikitext,
     mc_task_name,
     parse_field_map,
@@ -54,18 +63,22 @@ from utils.evaluation import (  # noqa: E402
     measure_speed,
     peak_memory_mb,
     perplexity_metrics,
+    reference_scores,
     score_multiple_choice,
     sliding_window_score,
     smoke_generations,
     text_stats,
 )
-from utils.generation import GenerationSettings, LoadedModel, load_for_inference  # noqa: E402
+from utils.files import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.layout import STAGES, default_model, stage_and_preset  # noqa: E402
+from utils.lm_eval_backend import HARNESS_TASKS, LM_EVAL_RESULTS_FILE, import_lm_eval, lm_eval_shape  # noqa: E402
+from utils.lm_eval_backend import evaluate as harness_evaluate  # noqa: E402
+from utils.loading import LoadedModel, load_for_inference  # noqa: E402
 from utils.metrics import MetricsLogger  # noqa: E402
 from utils.model import default_device, inference_dtype  # noqa: E402
 from utils.report import results_markdown  # noqa: E402
 from utils.results import (  # noqa: E402
     RESULTS_FILE,
-    STAGES,
     StageGates,
     check_gates,
     checkpoint_info,
@@ -88,9 +101,11 @@ def parse_args() -> argparse.Namespace:
     model = parser.add_argument_group("model and output")
     model.add_argument("--model_path", default="auto",
                        help="checkpoint dir (pretrain step/final/best, a stage dir with a `latest` pointer, an SFT/DPO "
-                            "adapter, a merged model); `auto` = latest checkpoint of the latest stage that exists "
-                            "under --checkpoints_dir (dpo, else sft, else pretrain)")
+                            "adapter, a merged model); `auto` = the furthest stage with a complete "
+                            "checkpoint under --checkpoints_dir (dpo, else sft, else pretrain), of the preset "
+                            "trained last (the rule 06_serve follows)")
     model.add_argument("--checkpoints_dir", default="checkpoints", help="where `auto` looks (default: checkpoints)")
+    model.add_argument("--preset", default=None, help="`auto` looks in <checkpoints_dir>/<stage>/<preset> only")
     model.add_argument("--output_dir", default=None,
                        help="default: evaluation_results/<stage>-<preset>, or evaluation_results/<checkpoint name> "
                             "for a checkpoint outside the stage layout")
@@ -101,6 +116,13 @@ def parse_args() -> argparse.Namespace:
     model.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                        help="auto = float32 on CPU, bfloat16 (or float16) on GPU")
     model.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    model.add_argument("--backend", choices=["ours", "lm-eval"], default="ours",
+                       help="ours: the project's evaluator; lm-eval: lm-evaluation-harness (lm_eval==0.4.13, "
+                            "requirements-eval.txt) on the same model and local files, for the tasks it has "
+                            "(wikitext, boolq, mc); val, generate and speed are then skipped")
+    model.add_argument("--lm_eval_tasks", default=None,
+                       help="with --backend lm-eval: extra harness task names, comma-separated (e.g. hellaswag,"
+                            "arc_easy), run as the harness defines them (their data comes from the hub: online only)")
 
     scoring = parser.add_argument_group("log-likelihood scoring")
     scoring.add_argument("--context_length", type=int, default=None,
@@ -109,14 +131,14 @@ def parse_args() -> argparse.Namespace:
                          help="tokens scored per perplexity window (default: the context length = the "
                               "harness's disjoint rolling windows; smaller = more context per token, slower)")
     scoring.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
-    scoring.add_argument("--prefix_token", choices=["eos", "bos"], default="eos",
-                         help="token that each perplexity document's first token is predicted from (eos: how "
-                              "pretraining separates documents; lm-evaluation-harness uses bos unless told)")
+    scoring.add_argument("--prefix_token", choices=["bos", "eos"], default="bos",
+                         help="token that each perplexity document's first token is predicted from (bos: "
+                              "lm-evaluation-harness's default; eos: how pretraining separates documents)")
 
     data = parser.add_argument_group("data sets")
     data.add_argument("--wikitext_path", default=None,
                       help="raw WikiText-2 test file (wiki.test.raw), or `hub[:id[:config[:split]]]` when online")
-    data.add_argument("--wikitext_limit", type=int, default=None, help="first N articles only (test set: 62)")
+    data.add_argument("--wikitext_limit", type=int, default=None, help="first N pages only (test set: 62)")
     data.add_argument("--wikitext_detokenize", action=argparse.BooleanOptionalAction, default=True,
                       help="score articles after the harness's WikiText detokenizer (' @-@ ' -> '-' ...); words and "
                            "bytes are always counted on the original text")
@@ -139,7 +161,8 @@ def parse_args() -> argparse.Namespace:
     gen = parser.add_argument_group("smoke-test generations and speed")
     gen.add_argument("--prompts_path", default=None,
                      help='JSON list of prompts: "text", {"prompt": "text"} or a [{role, content}] message list '
-                          "(default: three built-in prompts)")
+                          '(default: three built-in prompts); {"prompt": ..., "reference": "text"} (or "references": '
+                          '[...]) for every prompt adds exact match, BLEU and ROUGE against the references')
     gen.add_argument("--prompt_mode", choices=["auto", "chat", "completion"], default="auto",
                      help="auto: the chat template for fine-tuned checkpoints (template.json), plain completion "
                           "for base ones")
@@ -181,34 +204,21 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
             raise EvaluationError(f"--{limit} needs --{source}")
     if args.val_max_tokens < 0:
         raise EvaluationError(f"--val_max_tokens must be >= 0 (0 = all), got {args.val_max_tokens}")
+    if args.lm_eval_tasks is not None and args.backend != "lm-eval":
+        raise EvaluationError("--lm_eval_tasks needs --backend lm-eval (the harness runs those tasks)")
+    if args.backend == "lm-eval" and args.stride is not None:
+        raise EvaluationError("--stride is not used by --backend lm-eval: the harness scores disjoint windows of the "
+                              "context length (leave out --stride, or use --backend ours)")
     return tasks
 
 
-def find_checkpoint(model_path: str, checkpoints_dir: Path) -> Path:
-    """The checkpoint to evaluate: `auto` picks the newest `latest` pointer of the latest stage present."""
-    if model_path == "auto":
-        for stage in reversed(STAGES):
-            pointers = sorted((checkpoints_dir / stage).glob("*/latest"), key=lambda p: p.stat().st_mtime)
-            if pointers:
-                return resolve_checkpoint(pointers[-1])
-        raise EvaluationError(
-            f"--model_path auto: no checkpoint under {checkpoints_dir}/{{dpo,sft,pretrain}}/<preset>/ "
-            "(no `latest` pointer); train one first (make pretrain-tiny) or pass --model_path"
-        )
-    path = resolve_checkpoint(model_path)
+def find_checkpoint(model_path: str, checkpoints_dir: Path, preset: str | None) -> Path:
+    """The checkpoint to evaluate; `auto` is the default model of utils/layout.py, the one 06_serve takes."""
+    path = resolve_checkpoint(default_model(preset, checkpoints_dir) if model_path == "auto" else model_path)
     problem = describe_missing(path)
     if problem:
         raise EvaluationError(f"--model_path: {problem}")
     return path
-
-
-def stage_and_preset(checkpoint: Path) -> tuple[str, str]:
-    """(stage, preset) from a `.../<stage>/<preset>/...` path (stage: pretrain, sft, dpo), else ("custom", name)."""
-    parts = checkpoint.resolve().parts
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] in STAGES:
-            return parts[i], parts[i + 1]
-    return "custom", checkpoint.name
 
 
 def load_sources(args: argparse.Namespace, tasks: list[str], checkpoint: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -244,7 +254,7 @@ def load_sources(args: argparse.Namespace, tasks: list[str], checkpoint: Path) -
             fields = parse_field_map(args.mc_fields)
             data["mc"] = {mc_task_name(p): load_multiple_choice(p, fields, args.mc_limit) for p in args.mc_path}
     if "generate" in tasks:
-        data["generate"] = load_prompts(args.prompts_path)
+        data["generate"] = (load_prompts(args.prompts_path), load_references(args.prompts_path))
     return data, skipped
 
 
@@ -321,7 +331,8 @@ class Evaluator:
         return {name: {**self._choices(items, info, self.args.mc_delimiter, name), "fields": fields}
                 for name, (items, info) in data.items()}
 
-    def generate(self, prompts: list) -> dict[str, Any]:
+    def generate(self, data: tuple[list, list[list[str]] | None]) -> dict[str, Any]:
+        prompts, references = data
         a = self.args
         settings = GenerationSettings(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty,
                                       [], a.seed)
@@ -330,7 +341,12 @@ class Evaluator:
                                                                                        self.loaded.template)
         samples = smoke_generations(self.loaded.model, self.loaded.tokenizer, prompts, settings, template)
         shown = {**settings.__dict__, "template": template or "none (plain completion)"}
-        return {"settings": shown, "samples": samples}
+        if references is None:
+            return {"settings": shown, "samples": samples}
+        for sample, refs in zip(samples, references):
+            sample["references"] = refs
+        metrics = reference_scores([s["text"] for s in samples], references)
+        return {"settings": shown, "samples": samples, "metrics": metrics}
 
     def speed_lengths(self) -> tuple[int, int]:
         """Prompt and generated tokens of the speed runs: they must fit in the context together."""
@@ -374,13 +390,19 @@ def main() -> int:
     if args.from_results:
         return check_existing(args)
     tasks = check_arguments(args)
-    checkpoint = find_checkpoint(args.model_path, Path(args.checkpoints_dir))
-    stage, preset = stage_and_preset(checkpoint)
+    harness = args.backend == "lm-eval"
+    if harness:
+        import_lm_eval()  # before anything is loaded: a missing optional extra is a clear error
+    checkpoint = find_checkpoint(args.model_path, Path(args.checkpoints_dir), args.preset)
+    stage, preset = stage_and_preset(checkpoint) or ("custom", checkpoint.name)
     stage = args.stage or stage
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(stage, preset)
     gates = load_gates(args.gates_config, args.gates) if args.gates else None
     compare = load_results(args.compare) if args.compare else None
     data, skipped = load_sources(args, tasks, checkpoint)
+    if harness:
+        skipped |= {t: "not a harness task: --backend lm-eval runs wikitext, boolq, mc and --lm_eval_tasks "
+                       "(use --backend ours for it)" for t in tasks if t not in HARNESS_TASKS}
 
     device = default_device() if args.device == "auto" else torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -397,23 +419,34 @@ def main() -> int:
         raise EvaluationError(f"--stride must be between 1 and the context length {context}, got {stride}")
     prefix_id = getattr(loaded.tokenizer, f"{args.prefix_token}_token_id")
     evaluator = Evaluator(loaded, args, context, stride, prefix_id)
-    if "speed" in tasks:
+    if "speed" in tasks and "speed" not in skipped:
         evaluator.speed_lengths()
     summary = StageSummary("evaluate", checkpoint=str(checkpoint), output_dir=str(output_dir))
     logger = MetricsLogger(output_dir / "metrics.jsonl")
 
     results_tasks: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    harness_results = None
+    if harness:
+        started = time.perf_counter()
+        done, harness_results = harness_evaluate(args, tasks, data, skipped, loaded, context, prefix_id, output_dir)
+        seconds["lm_eval"] = round(time.perf_counter() - started, 2)
+        logger.log({"task": "lm_eval", "seconds": seconds["lm_eval"], **flatten_metrics(done)})
     for task in tasks:
         if task in skipped:
             print(f"[{task}] skipped: {skipped[task]}")
             results_tasks[task] = {"skipped": skipped[task]}
+            continue
+        if harness:
+            results_tasks[task] = done.pop(task)
             continue
         started = time.perf_counter()
         results_tasks[task] = evaluator.run(task, data.get(task))
         seconds[task] = round(time.perf_counter() - started, 2)
         logger.log({"task": task, "seconds": seconds[task], **flatten_metrics({task: results_tasks[task]})})
         print(f"[{task}] done in {seconds[task]:.1f} s")
+    if harness:
+        results_tasks.update(done)  # --lm_eval_tasks, under "lm_eval"
     warn_contaminated(checkpoint, results_tasks, args)
     if "metrics" in results_tasks.get("speed", {}):
         results_tasks["speed"]["metrics"]["peak_memory_mb"] = round(peak_memory_mb(device), 1)
@@ -423,6 +456,7 @@ def main() -> int:
         "stage": stage,
         "preset": preset,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backend": args.backend,
         "checkpoint": checkpoint_info(loaded),
         "environment": environment_info(device, dtype),
         "settings": {**vars(args), "tasks": tasks, "context_length": context, "stride": stride,
@@ -435,10 +469,13 @@ def main() -> int:
         results["gates"] = gate_report(args, results, gates, output_dir)
     report = results_markdown(results)
     atomic_write_json(output_dir / RESULTS_FILE, results)
+    # The harness's results JSON (its own output with --backend lm-eval), for tools that read harness results.
+    atomic_write_json(output_dir / LM_EVAL_RESULTS_FILE, harness_results or lm_eval_shape(results))
     atomic_write_text(output_dir / "report.md", report)
     scores = {k: v for k, v in results["metrics"].items() if k.split(".")[0] in ("wikitext", "val", "boolq", "mc")}
     skipped_tasks = sorted(t for t, r in results_tasks.items() if "skipped" in r)
-    summary.add(**scores, skipped=skipped_tasks, results=str(output_dir / RESULTS_FILE))
+    summary.add(**scores, skipped=skipped_tasks, results=str(output_dir / RESULTS_FILE),
+                lm_eval_results=str(output_dir / LM_EVAL_RESULTS_FILE))
     summary.finish(output_dir)
     if compare is not None:
         print("\n" + comparison_table(results, compare, new_name="this", old_name=args.compare))

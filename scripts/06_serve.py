@@ -17,27 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from utils.cli import StageSummary, progress, quiet_libraries, run_main
+from utils.decoding import GenerationError, GenerationSettings, context_window
+from utils.files import read_text
+from utils.generation import ChatSession, generate_batch, generate_stream
+from utils.layout import default_model
+from utils.loading import LoadedModel, load_for_inference
+from utils.messages import validate_messages
+from utils.metrics import MetricsLogger
+from utils.templates import TEMPLATES
 
-from utils.cli import StageSummary, progress, quiet_libraries, run_main  # noqa: E402
-from utils.files import read_text  # noqa: E402
-from utils.generation import (  # noqa: E402
-    ChatSession,
-    GenerationError,
-    GenerationSettings,
-    LoadedModel,
-    context_window,
-    generate_batch,
-    generate_stream,
-    load_for_inference,
-    validate_messages,
-)
-from utils.metrics import MetricsLogger  # noqa: E402
-from utils.templates import TEMPLATES  # noqa: E402
-
-STAGES = ("dpo", "sft", "pretrain")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ITEM_SETTINGS = {  # per-prompt overrides allowed in a batch file, with their JSON types
     "max_new_tokens": (int, "an integer"), "temperature": ((int, float), "a number"), "top_k": (int, "an integer"),
@@ -60,9 +51,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model_path", default=None,
-                        help="checkpoint dir, stage dir or `latest` pointer; default: the newest of "
-                             "checkpoints/{dpo,sft,pretrain}/<preset> that exists")
-    parser.add_argument("--preset", default="tiny", help="preset name used to find the default --model_path")
+                        help="checkpoint dir, stage dir or `latest` pointer; default: the furthest stage with a "
+                             "complete checkpoint (dpo, else sft, else pretrain) under checkpoints/, of --preset or "
+                             "of the preset trained last (the rule 05_evaluate's `auto` follows)")
+    parser.add_argument("--preset", default=None,
+                        help="look for the default --model_path in checkpoints/<stage>/<preset> only")
     parser.add_argument("--mode", choices=("interactive", "api", "batch"), default="interactive",
                         help="terminal chat, HTTP server, or a prompts file to an outputs file")
     parser.add_argument("--template", choices=("auto", "none", *TEMPLATES), default="auto",
@@ -110,17 +103,6 @@ def parse_args() -> argparse.Namespace:
                             "optional 'id' and per-item sampling fields")
     batch.add_argument("--output_file", default=None, help="where the JSON results are written")
     return parser.parse_args()
-
-
-def default_model_path(preset: str) -> Path:
-    for stage in STAGES:
-        path = Path("checkpoints", stage, preset)
-        if (path / "latest").is_file():
-            return path
-    raise FileNotFoundError(
-        f"no complete checkpoint (a 'latest' pointer) in checkpoints/{{{','.join(STAGES)}}}/{preset}: "
-        f"train one first (make pretrain-{preset}) or pass --model_path"
-    )
 
 
 def sampling(args: argparse.Namespace) -> GenerationSettings:
@@ -272,10 +254,7 @@ def normalize_item(item: object, where: str, index: int) -> dict:
             raise ValueError(f"{where}: field '{name}' must be {expected}, got {item[name]!r}")
     out = {"id": item.get("id", index), "settings": {k: item[k] for k in ITEM_SETTINGS if k in item}}
     if "messages" in item:
-        try:
-            out["messages"] = validate_messages(item["messages"])
-        except GenerationError as err:
-            raise ValueError(f"{where}: field {err}") from None
+        out["messages"] = validate_messages(item["messages"], f"{where}: field messages")
     else:
         out["prompt"] = item["prompt"]
     return out
@@ -292,7 +271,7 @@ def item_settings(base: GenerationSettings, item: dict, where: str) -> Generatio
 
 def batch(args: argparse.Namespace, loaded: LoadedModel, items: list[dict], per_item: list[GenerationSettings],
           summary: StageSummary) -> None:
-    from utils.checkpoint import atomic_write_json
+    from utils.files import atomic_write_json
 
     prompts_file, output_file = Path(args.prompts_file), Path(args.output_file)
     summary.add(model=str(loaded.path), prompts_file=str(prompts_file))
@@ -381,7 +360,7 @@ def main() -> None:
             raise ValueError(f"--output_file {args.output_file} is a directory; name the JSON file to write")
         items = read_prompts(Path(args.prompts_file))
         per_item = [item_settings(settings, item, f"{args.prompts_file}, item {i}") for i, item in enumerate(items)]
-    model_path = Path(args.model_path) if args.model_path else default_model_path(args.preset)
+    model_path = Path(args.model_path) if args.model_path else default_model(args.preset)
     device = None if args.device == "auto" else args.device
     loaded = load_for_inference(model_path, device, DTYPES.get(args.dtype))
     if args.mode == "interactive":

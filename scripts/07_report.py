@@ -9,14 +9,11 @@ metrics.jsonl, evaluation_results/**/results.json and runs/sweep/*/trials.json; 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.checkpoint import atomic_write_text  # noqa: E402
-from utils.cli import StageSummary, run_main  # noqa: E402
-from utils.report import collect_run, render_run_report  # noqa: E402
+from utils.cli import StageSummary, run_main
+from utils.files import atomic_write_text
+from utils.report import collect_run, render_run_report
 
 
 def parse_args() -> argparse.Namespace:

@@ -56,7 +56,8 @@ def main() -> int:
     for gpu in info["gpus"]:
         print(f"GPU           {gpu['name']}, {gpu['memory_gib']} GiB, compute {gpu['capability']}, bf16={gpu['bf16']}")
     for name, found in info["packages"].items():
-        shown = found or ("not installed (optional: make install-gpu)" if name in ("flash-attn", "wandb") else "MISSING")
+        shown = found or ("not installed (optional: make install-gpu)" if name in ("flash-attn", "wandb")
+                          else "MISSING")
         print(f"{name:<13} {shown}")
     missing = [n for n, v in info["packages"].items() if v is None and n not in ("flash-attn", "wandb")]
     return 1 if missing else 0

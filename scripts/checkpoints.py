@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import re
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.checkpoint import LATEST, resolve_checkpoint  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-
-STEP_RE = re.compile(r"^step_(\d+)$")
-STAGES = ("pretrain", "sft", "dpo")
+from utils.checkpoint import resolve_checkpoint
+from utils.cli import run_main
+from utils.files import read_json
+from utils.layout import CHECKPOINTS_DIR, LATEST, STAGES, STEP_PREFIX, checkpoint_steps
 
 
 def directory_size(path: Path) -> int:
@@ -40,12 +34,12 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def describe(path: Path) -> dict:
-    run = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+    run = read_json(path / "run.json", "checkpoint file") if (path / "run.json").is_file() else {}
     metrics = run.get("metrics", {}) if isinstance(run.get("metrics"), dict) else {}
     loss = next((metrics[k] for k in ("val_loss", "eval_loss", "loss", "train_loss") if k in metrics), None)
     step = run.get("step", metrics.get("step"))
-    if step is None and STEP_RE.match(path.name):
-        step = int(STEP_RE.match(path.name).group(1))
+    if step is None and path.name.removeprefix(STEP_PREFIX).isdigit():
+        step = int(path.name.removeprefix(STEP_PREFIX))
     modified = dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
     return {"path": str(path), "step": step, "loss": loss, "size": directory_size(path), "date": modified}
 
@@ -90,13 +84,9 @@ def cleanup(stage_dir: Path, keep: int) -> int:
     for pointer in stage_dir.rglob(LATEST):
         if pointer.is_file():
             protected.add(resolve_checkpoint(pointer).resolve())
-    runs: dict[Path, list[Path]] = {}
-    for path in stage_dir.rglob("step_*"):
-        if path.is_dir() and STEP_RE.match(path.name):
-            runs.setdefault(path.parent, []).append(path)
     steps, doomed = [], []
-    for run_steps in runs.values():
-        run_steps.sort(key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    for run_dir in sorted({path.parent for path in stage_dir.rglob(f"{STEP_PREFIX}*")}):
+        run_steps = [path for _, path in sorted(checkpoint_steps(run_dir))]
         steps += run_steps
         doomed += [p for p in run_steps[:max(0, len(run_steps) - keep)] if p.resolve() not in protected]
     freed = 0
@@ -122,7 +112,7 @@ def disk_usage(paths: list[Path]) -> int:
 def backup(checkpoints: list[Path], output_dir: Path) -> int:
     """Configs plus the chosen checkpoints (default: every stage's latest) in one dated archive."""
     if not checkpoints:
-        checkpoints = [resolve_checkpoint(p) for p in Path("checkpoints").glob(f"*/*/{LATEST}") if p.is_file()]
+        checkpoints = [resolve_checkpoint(p) for p in CHECKPOINTS_DIR.glob(f"*/*/{LATEST}") if p.is_file()]
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"backup-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.tar.gz"
     tmp = target.with_name(target.name + ".tmp")
@@ -139,16 +129,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="every checkpoint with step, loss, size and date")
-    listing.add_argument("--root", default="checkpoints")
+    listing.add_argument("--root", default=str(CHECKPOINTS_DIR))
     archiving = commands.add_parser("archive", help="a checkpoint into a .tar.gz")
     archiving.add_argument("checkpoint")
     archiving.add_argument("--output_dir", default="backups")
     cleaning = commands.add_parser("cleanup", help="keep only the newest KEEP step_N checkpoints of a stage")
     cleaning.add_argument("--stage", choices=STAGES, required=True)
     cleaning.add_argument("--keep", type=int, default=3)
-    cleaning.add_argument("--root", default="checkpoints")
+    cleaning.add_argument("--root", default=str(CHECKPOINTS_DIR))
     usage = commands.add_parser("disk-usage", help="sizes of data/ and checkpoints/")
-    usage.add_argument("paths", nargs="*", default=["data", "checkpoints"])
+    usage.add_argument("paths", nargs="*", default=["data", str(CHECKPOINTS_DIR)])
     backing = commands.add_parser("backup", help="config/ plus chosen checkpoints into a dated archive")
     backing.add_argument("checkpoints", nargs="*")
     backing.add_argument("--output_dir", default="backups")

@@ -8,22 +8,18 @@ prompt/completion records. Preferences (04_dpo): prompt/chosen/rejected and Anth
 
 from __future__ import annotations
 
-import sys
+import argparse
+import gzip
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from utils.chat_data import builtin_preferences, builtin_qa  # noqa: E402
-from utils.checkpoint import atomic_write_text  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.corpus import builtin_documents  # noqa: E402
+from utils.chat_data import builtin_preferences, builtin_qa
+from utils.cli import run_main
+from utils.corpus import builtin_documents
+from utils.files import atomic_write_text
 
 SYSTEM = "You answer questions about the Python standard library."
 

@@ -8,15 +8,10 @@ llama.cpp's own converter. `<output stem>.Modelfile` beside it: `ollama create N
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
-from utils.cli import run_main  # noqa: E402
-from utils.gguf_export import OUTTYPES, export_gguf  # noqa: E402
+from utils.cli import run_main
+from utils.gguf_export import OUTTYPES, export_gguf
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils.cli import run_main
+from utils.files import atomic_write_json, read_json, sha256_file
+from utils.layout import CHECKPOINTS_DIR, LATEST, STAGES, stage_dir
 
-from utils.checkpoint import LATEST, atomic_write_json, sha256_file  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Beside the checkpoints it describes: deleting checkpoints/ forgets the finished steps too.
-STATE_FILE = Path("checkpoints", "pipeline_state.json")
+STATE_FILE = CHECKPOINTS_DIR / "pipeline_state.json"
 
 
 @dataclass
@@ -53,7 +53,7 @@ PROFILES = {
         sft=["--max_steps", "100", "--batch_size", "8", "--gradient_accumulation_steps", "1",
              "--max_eval_samples", "64"],
         # A LoRA adapter this small moves too little at DPO's usual 5e-7; DPO plus the chosen replies' NLL (RPO)
-        # at 5e-4 separated the held-out pairs best of the settings tried (README, 04_dpo).
+        # at 5e-4 separated the held-out pairs best of the settings tried (commit e1249f1).
         dpo=["--max_steps", "60", "--batch_size", "4", "--gradient_accumulation_steps", "1",
              "--max_eval_samples", "32", "--learning_rate", "5e-4", "--loss_type", "sigmoid,sft"],
     ),
@@ -132,7 +132,7 @@ def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
     model = args.model or profile.preset
     python = [sys.executable]
     data = work / "data" / "processed" / f"{Path(args.raw_dataset.replace('builtin:', '')).name.split('.')[0]}-{model}"
-    ckpt = {stage: work / "checkpoints" / stage / model for stage in ("pretrain", "sft", "dpo")}
+    ckpt = {stage: work / stage_dir(stage, model) for stage in STAGES}
     evals = {stage: work / "evaluation_results" / f"{stage}-{model}" for stage in ckpt}
     steps = [
         Step("prepare", python + ["scripts/01_prepare_data.py", "--input_path", args.raw_dataset, "--output_dir",
@@ -212,7 +212,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / STATE_FILE
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_json(state_path, "pipeline state") if state_path.is_file() else {}
     previous, timings, started = "", {}, time.time()
     for step in build_steps(args, profile):
         digest = stamp(step, previous)
@@ -236,14 +236,15 @@ def main() -> int:
             hint = "make pipeline FORCE=1 to carry on past the gate" if failed.step.is_gate else (
                 "fix the cause and run `make pipeline` again: finished steps are skipped"
                 + (", pretraining resumes from its latest checkpoint" if failed.step.resumable else ""))
-            print(f"\npipeline stopped: step '{failed.step.name}' failed (exit {failed.code}). {hint}.", file=sys.stderr)
+            print(f"\npipeline stopped: step '{failed.step.name}' failed (exit {failed.code}). {hint}.",
+                  file=sys.stderr)
             return failed.code
         atomic_write_json(state_path, state)
     total = round(time.time() - started, 1)
     summary = {"profile": args.profile, "seconds": total, "steps": timings}
     atomic_write_json(work / "reports" / "pipeline_summary.json", summary)
     print(f"\npipeline finished in {total:.0f} s; step times: {json.dumps(timings)}")
-    final = work / "checkpoints" / "dpo" / (args.model or profile.preset)
+    final = work / stage_dir("dpo", args.model or profile.preset)
     print(f"chat with the result:  make serve CKPT={final}   (or: python scripts/06_serve.py --model_path {final})")
     return 0
 

@@ -7,13 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from utils.config import ConfigError, load_preset  # noqa: E402
-from utils.files import UnreadableFileError  # noqa: E402
-from utils.model import build_model, count_parameters  # noqa: E402
+from utils.config import ConfigError, load_preset
+from utils.files import UnreadableFileError
+from utils.model import build_model, count_parameters
 
 
 def main() -> int:

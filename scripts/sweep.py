@@ -9,7 +9,8 @@ The study lives in `<output_dir>/study.db` (Optuna's SQLite storage): run the sa
 interrupted sweep resumes where it stopped (finished trials are kept; a trial cut off mid-run is tried again
 with the same settings). Two processes with the same command share the study and run trials at once.
 Outputs in `<output_dir>`: `trials.json` (every trial: settings, validation loss, seconds, state, failure
-reason; trial 0 runs the preset's own settings, the baseline the others are measured against), `importance.json` (Optuna's fANOVA importance of each setting), `history.png` (the optimisation
+reason; trial 0 runs the preset's own settings, the baseline the others are measured against),
+`importance.json` (Optuna's fANOVA importance of each setting), `history.png` (the optimisation
 history, shown by the run report) and `best.json`, which `02_pretrain.py --settings best.json` takes.
 """
 
@@ -25,16 +26,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import optuna
 
-import optuna  # noqa: E402
-
-from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.config import load_preset  # noqa: E402
-from utils.files import read_json  # noqa: E402
-from utils.metrics import read_metrics  # noqa: E402
-from utils.sweep import (  # noqa: E402
+from utils.cli import run_main
+from utils.config import load_preset
+from utils.files import (
+    atomic_write_json,
+    read_json,
+)
+from utils.metrics import read_metrics
+from utils.sweep import (
     INTERRUPTED,
     SweepError,
     finished_trials,
@@ -64,7 +65,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval_steps", type=int, default=25,
                         help="trials validate every N steps, the values the pruner compares")
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
-    parser.add_argument("--trial_args", default="", help="extra 02_pretrain flags for every trial, e.g. '--eval_batches 4'")
+    parser.add_argument("--trial_args", default="",
+                        help="extra 02_pretrain flags for every trial, e.g. '--eval_batches 4'")
     args = parser.parse_args()
     if args.trials < 1:
         parser.error("--trials must be >= 1")

@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Scripts run as subprocesses import utils/ from the checkout.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # One thread: micro models gain nothing from a second one, and on a busy 2-core machine the idle
 # threads' spin-waits slow them several times. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from utils.config import micro_preset  # noqa: E402
+from presets import micro_preset  # noqa: E402
+
 from utils.corpus import builtin_documents  # noqa: E402
 from utils.model import build_model  # noqa: E402
 from utils.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from presets import micro_preset, preset_with
 from transformers import AutoModelForCausalLM
 
-from utils.config import ConfigError, load_preset, micro_preset, preset_with
+from utils.config import ConfigError, load_preset
 from utils.files import UnreadableFileError
 from utils.model import build_model, count_parameters, resolve_attention, resolve_precision
 
@@ -90,7 +91,8 @@ def test_qk_norm_checkpoint_loads_anywhere_and_generates_the_same_greedy_tokens(
     model = build_model(preset, tokenizer, seed=0)
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model.model.layers[0].self_attn.q_norm.weight.shape == (16,)  # one RMSNorm per head dimension
-    assert not model.model.layers[0].self_attn.o_proj.weight.any() and not model.model.layers[1].mlp.down_proj.weight.any()
+    assert (not model.model.layers[0].self_attn.o_proj.weight.any()
+            and not model.model.layers[1].mlp.down_proj.weight.any())
     with torch.no_grad():  # trained-looking weights, so the greedy path is not trivial
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from utils.checkpoint import sha256_file
 from utils.contamination import ContaminationCheck, ContaminationError, EvalSet, load_eval_sets
+from utils.files import sha256_file
 from utils.report import collect_run, render_run_report
 from utils.tokens import read_meta
 

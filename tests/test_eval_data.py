@@ -4,6 +4,7 @@ and the messages a user gets for files in the wrong format."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from utils.eval_data import (
     load_wikitext,
     parse_field_map,
     split_articles,
+    wikitext_pages,
 )
 
 WIKI = (
@@ -47,12 +49,28 @@ def test_detokenizer_undoes_wikitext_tokenisation():
     assert text == " In 2006, he starred in a 1,000-seat theatre (London).\n== Career ==\n"
 
 
+def test_wikitext_pages_are_the_harness_documents():
+    # lm-eval's documents: the whitespace-only " \n" before the first heading is dropped, the "\n" between
+    # two pages belongs to neither, section headings (" = = Career = = ") do not start a page.
+    pages = wikitext_pages(WIKI)
+    assert pages == [
+        " = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor . \n \n"
+        " = = Career = = \n \n In 2006 , he starred in a 1 @,@ 000 @-@ seat theatre . ",
+        " = Du Fu = \n \n Du Fu ( 712 – 770 ) was a Chinese poet . \n",
+    ]
+
+
 @pytest.mark.skipif(not SHARED_WIKITEXT.is_file(), reason="the shared WikiText-2 copy is not on this machine")
 def test_real_wikitext2_test_split_has_the_published_counts():
-    articles, info = load_wikitext(str(SHARED_WIKITEXT))
-    assert len(articles) == 62 and info.records == 62
-    assert sum(len(a.split()) for a in articles) == 241_211
-    assert sum(len(a.encode("utf-8")) for a in articles) == 1_290_590
+    pages, info = load_wikitext(str(SHARED_WIKITEXT))
+    assert len(pages) == 62 and info.records == 62
+    # The file's 241,211 whitespace words are all in the pages; the harness counts 124 more (an empty word
+    # at the start and the end of each page, which start with " " and end with whitespace): 241,335.
+    assert sum(len(a.split()) for a in pages) == 241_211
+    assert sum(len(re.split(r"\s+", a)) for a in pages) == 241_335
+    # 1,290,590 bytes in the file, less the 2 of the leading " \n" and the 61 newlines between pages.
+    assert SHARED_WIKITEXT.stat().st_size == 1_290_590
+    assert sum(len(a.encode("utf-8")) for a in pages) == 1_290_527
 
 
 def test_wikitext_errors_name_the_problem(tmp_path):

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from presets import micro_preset
 
 from utils.checkpoint import load_model
-from utils.config import micro_preset
 from utils.eval_data import ChoiceItem, boolq_item
 from utils.evaluation import (
     EvaluationError,
@@ -109,14 +109,17 @@ def test_word_perplexity_and_bits_per_byte_of_a_uniform_model(tokenizer):
     score = sliding_window_score(uniform_model(vocab), ids, tokenizer.eos_token_id, 16, 8, 4, CPU)
     metrics = perplexity_metrics(score, text_stats(texts))
     tokens = sum(len(i) for i in ids)
-    words = sum(len(t.split()) for t in texts)  # 9 + 9
-    utf8_bytes = sum(len(t.encode("utf-8")) for t in texts)  # the umlauts take 2 bytes each
-    assert (metrics["tokens"], metrics["words"], metrics["bytes"]) == (tokens, 18, utf8_bytes)
+    # The harness's count, re.split(r"\s+", text): 9 + 1 (the empty word after the trailing "\n") + 9.
+    words = 19
+    utf8_bytes = 45 + 59  # 56 characters, the 3 umlauts take 2 bytes each
+    assert (metrics["tokens"], metrics["words"], metrics["bytes"]) == (tokens, words, utf8_bytes)
     assert metrics["token_perplexity"] == pytest.approx(vocab, rel=1e-4)
     # word perplexity = exp(total NLL / words) = vocab ** (tokens / words)
     assert metrics["word_perplexity"] == pytest.approx(vocab ** (tokens / words), rel=1e-4)
     # bits per byte = total NLL / (ln 2 · bytes) = tokens · log2(vocab) / bytes
     assert metrics["bits_per_byte"] == pytest.approx(tokens * math.log2(vocab) / utf8_bytes, rel=1e-4)
+    # byte perplexity = exp(total NLL / bytes) = vocab ** (tokens / bytes)
+    assert metrics["byte_perplexity"] == pytest.approx(vocab ** (tokens / utf8_bytes), rel=1e-4)
 
 
 def test_a_diverged_model_reports_nan_perplexity_not_a_number(tokenizer):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.checkpoint import atomic_directory, recover_interrupted_writes, verify_checkpoint
+from utils.checkpoint import verify_checkpoint
+from utils.files import atomic_directory, recover_interrupted_writes
 from utils.metrics import has_torn_tail, read_metrics
 from utils.tokens import META, check_replaceable, read_meta
 from utils.training import check_output_dir
@@ -22,7 +23,7 @@ KILLED_MID_SWAP = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from utils.checkpoint import atomic_directory
+    from utils.files import atomic_directory
     real_replace = os.replace
     def replace(src, dst):
         if Path(src).name.startswith(".tmp-final-"):  # the new copy's rename, after the old one's
@@ -55,7 +56,8 @@ def test_a_swap_killed_between_its_renames_is_finished_when_the_new_copy_is_comp
     final = tmp_path / "final"
     write_old_final(final)
     pid = kill_mid_swap(final)
-    assert not final.exists() and (tmp_path / f".old-final-{pid}").is_dir() and (tmp_path / f".tmp-final-{pid}").is_dir()
+    assert (not final.exists() and (tmp_path / f".old-final-{pid}").is_dir()
+            and (tmp_path / f".tmp-final-{pid}").is_dir())
     notes = recover_interrupted_writes(tmp_path)
     assert len(notes) == 1 and "finished an interrupted swap" in notes[0]
     verify_checkpoint(final)

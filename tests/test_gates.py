@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from utils.config import ConfigError
-from utils.results import STAGES, StageGates, check_gates, comparison_rows, flatten_metrics, load_gates
+from utils.layout import STAGES
+from utils.results import StageGates, check_gates, comparison_rows, flatten_metrics, load_gates
 
 ROOT = Path(__file__).resolve().parents[1]
 

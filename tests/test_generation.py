@@ -7,20 +7,16 @@ import json
 import pytest
 import torch
 
-from utils.generation import (
+from utils.decoding import (
     BatchDecoder,
-    ChatSession,
     ContextLengthError,
     GenerationError,
     GenerationSettings,
     LlamaDecodeStep,
     TransformersStep,
-    encode_prompt,
-    generate,
-    generate_batch,
-    generate_stream,
-    load_for_inference,
 )
+from utils.generation import ChatSession, encode_prompt, generate, generate_batch, generate_stream
+from utils.loading import load_for_inference
 from utils.templates import save_template_name, stop_token_ids
 
 PROMPTS = ["The quick brown fox", "def main():\n    return", "A list is a mutable sequence type that", "Hi"]
@@ -116,7 +112,8 @@ def test_batched_decoding_equals_decoding_alone(loaded):
 
 def test_moe_model_uses_its_own_forward_batched_and_alone(tokenizer):
     """Architectures without the fast path (Mixtral MoE) decode through transformers' forward."""
-    from utils.config import micro_preset
+    from presets import micro_preset
+
     from utils.model import build_model
 
     model = build_model(micro_preset(len(tokenizer), n_experts=4, experts_per_token=2, router_aux_loss_coef=0.01),

@@ -17,15 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from presets import micro_preset
 
 from utils.chat_data import DatasetStats, builtin_sft, tokenize_sft
-from utils.config import ConfigError, micro_preset
+from utils.config import ConfigError
+from utils.decoding import BatchDecoder, GenerationSettings
 from utils.finetune import SFTSettings, StageLogger, build_sft_trainer, check_4bit_flags, load_base_model
-from utils.generation import BatchDecoder, GenerationSettings, encode_prompt, generate, load_for_inference
+from utils.generation import encode_prompt, generate
 from utils.gpu import FP8_MIN_CAPABILITY, GPUFeatureError, check_4bit_loading, check_fp8_training
+from utils.loading import load_for_inference
 from utils.metrics import read_metrics
 from utils.model import build_model
-from utils.server import Scheduler, ServerSettings, create_app
+from utils.scheduler import Scheduler
+from utils.server import ServerSettings, create_app
 from utils.templates import apply_template
 from utils.tokenizer import load_tokenizer
 from utils.tokens import open_tokens

@@ -20,10 +20,10 @@ import jinja2
 import numpy as np
 import pytest
 import torch
+from presets import micro_preset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from utils.checkpoint import ADAPTER_BASE_KEY, adapter_base_path, verify_checkpoint
-from utils.config import micro_preset
 from utils.finetune import SFTSettings, load_settings
 from utils.gguf_export import IM_END, export_gguf, llama_permute, ollama_template, render_turns
 from utils.model import build_model

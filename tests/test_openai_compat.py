@@ -14,7 +14,9 @@ import torch
 from openai import BadRequestError, NotFoundError, OpenAI
 from test_serve_api import in_process
 
-from utils.generation import GenerationSettings, SequenceState, encode_prompt, generate, load_for_inference
+from utils.decoding import GenerationSettings, SequenceState
+from utils.generation import encode_prompt, generate
+from utils.loading import load_for_inference
 from utils.server import ServerSettings, create_app, parse_cors_origins
 
 NAME = "pretrain/micro/final"

@@ -257,7 +257,7 @@ def test_missing_text_field_names_the_fields_found(tmp_path):
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     path = tmp_path / "latin.txt"
-    path.write_bytes("caf".encode() + b"\xe9 au lait\n\nna\xefve\n")
+    path.write_bytes(b"caf" + b"\xe9 au lait\n\nna\xefve\n")
     stats = ReadStats()
     docs = list(read_documents([str(path)], stats))
     assert docs == ["caf\ufffd au lait\n", "na\ufffdve\n"]
@@ -274,7 +274,8 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer):
     assert (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token) == (
         "<pad>", "<unk>", "<s>", "</s>")
     assert tokenizer.unk_token_id not in ids  # byte fallback: nothing is unknown
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
     assert chat_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
@@ -315,7 +316,7 @@ def test_prepare_end_to_end_bins_match_meta(tmp_path):
         assert int(np.sum(tokens == tokenizer.eos_token_id)) == meta[f"{split}_documents"]
     text = tokenizer.decode(open_tokens(out, "train")).replace(tokenizer.eos_token, "\n")
     assert "quick brown fox" in text
-    from utils.checkpoint import sha256_file
+    from utils.files import sha256_file
     assert meta["files"]["train.bin"] == sha256_file(out / "train.bin")
     assert json.loads((out / "summary.json").read_text())["documents_kept"] == 40
 
@@ -347,7 +348,8 @@ def test_reusing_a_tokenizer_and_validate_only(tmp_path, tokenizer_dir):
     parsed = json.loads(report.stdout[report.stdout.index("{"):])
     assert parsed["kept_documents"] == 12 and parsed["read"]["formats"] == {"jsonl": 1}
     assert not (tmp_path / "out").exists()  # validate_only writes nothing
-    run_prepare("--input_path", str(path), "--output_dir", str(tmp_path / "out"), "--tokenizer_path", str(tokenizer_dir))
+    run_prepare("--input_path", str(path), "--output_dir", str(tmp_path / "out"),
+                "--tokenizer_path", str(tokenizer_dir))
     assert read_meta(tmp_path / "out")["tokenizer_source"] == str(tokenizer_dir)
 
 

@@ -212,7 +212,7 @@ def test_dry_run_reports_sizes_and_estimates_and_writes_nothing(micro_config, pr
 
 
 def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_would(micro_config, processed_dir,
-                                                                                       tmp_path):
+                                                                                       tmp_path, run_stage):
     budget = 14
     common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--eval_steps", "10",
               "--save_steps", "10", "--logging_steps", "5", "--eval_batches", "2", "--batch_size", "4",
@@ -227,9 +227,11 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
     assert f"budget {budget}s → {steps:,} steps of 256 tokens" in result.stdout and "ends ≈" in result.stdout
     assert run["args"]["max_steps"] == steps == run["step"] and steps > 10
     assert elapsed < budget + 3, f"{elapsed:.1f} s for a {budget} s budget"
-    # The timing steps were undone: the run is exactly the one --max_steps <decided> trains.
-    fixed = pretrain(*common, "--output_dir", str(tmp_path / "fixed"), "--max_steps", str(steps))
-    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    # The timing steps were undone: the run is exactly the one --max_steps <decided> trains. (The runs below
+    # measure no budget, so they run in-process: the budget counts from the process start.)
+    code, _, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(tmp_path / "fixed"),
+                                                   "--max_steps", str(steps)])
+    assert code == 0, stderr[-3000:]
     assert deterministic_rows(tmp_path / "budget") == deterministic_rows(tmp_path / "fixed")
     # Stopped after step 10 and resumed with the same budget: the step count fixed at the start is kept.
     stopped = tmp_path / "stopped"
@@ -237,14 +239,14 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
     shutil.copytree(tmp_path / "budget" / "step_10", stopped / "step_10")
     (stopped / "latest").write_text("step_10\n")
     shutil.copy(tmp_path / "budget" / "metrics.jsonl", stopped / "metrics.jsonl")
-    resumed = pretrain(*common, "--output_dir", str(stopped), "--time_budget", f"{budget}s",
-                       "--resume_from_checkpoint", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"budget {budget}s →" not in resumed.stdout
+    code, stdout, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(stopped), "--time_budget",
+                                                        f"{budget}s", "--resume_from_checkpoint", "latest"])
+    assert code == 0, stderr[-3000:]
+    assert f"budget {budget}s →" not in stdout
     assert deterministic_rows(stopped) == deterministic_rows(tmp_path / "budget")
-    other = pretrain(*common, "--output_dir", str(stopped), "--time_budget", "30s", "--resume_from_checkpoint",
-                     str(stopped / "step_10"))
-    assert other.returncode == 2 and "fixed its step count at the start" in other.stderr
+    code, _, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(stopped), "--time_budget", "30s",
+                                                   "--resume_from_checkpoint", str(stopped / "step_10")])
+    assert code == 2 and "fixed its step count at the start" in stderr
 
 
 def test_muon_resumes_exactly(micro_config, processed_dir, tmp_path):
@@ -270,7 +272,8 @@ def test_muon_resumes_exactly(micro_config, processed_dir, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--time_budget", "ten minutes"], "--time_budget 'ten minutes' is not a duration; use a number with s, m or h"),
+        (["--time_budget", "ten minutes"],
+         "--time_budget 'ten minutes' is not a duration; use a number with s, m or h"),
         (["--time_budget", "10m", "--max_steps", "5"], "--time_budget cannot be combined with --max_steps"),
         (["--time_budget", "1s"], "--time_budget 1s is too short"),
         (["--optimizer", "muon", "--config", "config/tiny-moe.json"], "torch.optim.Muon updates 2-D matrices only"),

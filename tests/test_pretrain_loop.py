@@ -9,8 +9,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from presets import micro_preset
 
-from utils.config import micro_preset
 from utils.model import build_model
 from utils.tokens import open_tokens
 from utils.training import (
@@ -21,16 +21,16 @@ from utils.training import (
     WindowSampler,
     build_optimizer,
     build_optimizers,
+    check_output_dir,
+    clear_output_dir,
     learning_rates,
     load_optimizer_state,
     optimizer_state,
-    parse_duration,
-    steps_in_budget,
-    check_output_dir,
-    clear_output_dir,
     optimizer_step,
+    parse_duration,
     parse_seq_len_schedule,
     seq_len_at,
+    steps_in_budget,
 )
 
 

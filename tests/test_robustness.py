@@ -90,7 +90,8 @@ def test_kill_9_at_random_moments_and_mid_save_then_resume_matches_an_uninterrup
 
     assert deterministic_rows(output_dir) == deterministic_rows(reference)
     assert (output_dir / "latest").read_text().strip() == "final"
-    expected, got = load_file(reference / "final" / "model.safetensors"), load_file(output_dir / "final" / "model.safetensors")
+    expected, got = (load_file(reference / "final" / "model.safetensors"),
+                     load_file(output_dir / "final" / "model.safetensors"))
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
     assert not [p.name for p in output_dir.iterdir() if p.name.startswith(".")]
 

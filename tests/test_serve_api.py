@@ -32,15 +32,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from utils.generation import (
-    BatchDecoder,
-    GenerationSettings,
-    SequenceState,
-    encode_prompt,
-    generate,
-    load_for_inference,
-)
-from utils.server import Scheduler, ServerSettings, Service, create_app
+from utils.decoding import BatchDecoder, GenerationSettings, SequenceState
+from utils.generation import encode_prompt, generate
+from utils.loading import load_for_inference
+from utils.scheduler import Scheduler
+from utils.server import ServerSettings, Service, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from presets import micro_preset
 
-from utils.config import micro_preset
-from utils.generation import GenerationSettings, generate, load_for_inference
+from utils.decoding import GenerationSettings
+from utils.generation import generate
+from utils.loading import load_for_inference
 from utils.model import build_model
 from utils.tokenizer import load_tokenizer
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from utils.chat_data import DatasetStats, builtin_sft, tokenize_sft
-from utils.checkpoint import CheckpointError, adapter_base_path, load_model, sha256_file, verify_checkpoint
+from utils.checkpoint import CheckpointError, adapter_base_path, load_model, verify_checkpoint
 from utils.config import ConfigError
+from utils.files import sha256_file
 from utils.finetune import SFTSettings, StageLogger, build_sft_trainer, load_base_model, load_settings, resolve_input
 from utils.metrics import read_metrics
 from utils.templates import INSTRUCT, apply_template, load_template_name

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from presets import micro_preset
 
-from utils.config import micro_preset
 from utils.report import collect_run, render_run_report
 from utils.sweep import SweepError, open_study, parse_space
 
@@ -102,6 +102,7 @@ def test_a_storage_of_another_study_or_settings_is_refused_untouched(tmp_path):
     other.mkdir()
     study = open_study(other, micro_preset(), SPACE, args)
     first = study.trials[0]
-    assert first.state.name == "WAITING" and first.system_attrs["fixed_params"] == {"learning_rate": 0.003, "warmup_steps": 2}
+    assert first.state.name == "WAITING" and first.system_attrs["fixed_params"] == {
+        "learning_rate": 0.003, "warmup_steps": 2}
     with pytest.raises(SweepError, match="its space differ"):
         open_study(other, micro_preset(), {**SPACE, "weight_decay": {"type": "float", "low": 0, "high": 0.1}}, args)

@@ -83,7 +83,7 @@ def test_every_make_target_in_help_expands_to_a_command():
     targets = [line.split()[0] for line in listed.splitlines() if line.startswith("  ")]
     assert {"pipeline", "pretrain-tiny", "resume-pretrain-tiny", "serve-api", "test-pipeline"} <= set(targets)
     for target in [*targets, "pretrain-small", "pretrain-base", "pretrain-tiny-moe", "resume-pretrain-base"]:
-        dry = subprocess.run(["make", "--no-print-directory", "-n", target, "CKPT=checkpoints/x", "PROMPTS=p.json"], cwd=ROOT,
-                             capture_output=True, text=True)
+        dry = subprocess.run(["make", "--no-print-directory", "-n", target, "CKPT=checkpoints/x", "PROMPTS=p.json"],
+                             cwd=ROOT, capture_output=True, text=True)
         assert dry.returncode == 0 and "Nothing to be done" not in dry.stdout + dry.stderr, (target, dry)
         assert dry.stdout.strip(), target

@@ -8,7 +8,7 @@ path serves every input format and every template.
 SFT formats (detected from the first record's fields):
   prompt/response   {"prompt", "response"}                       (JSON list or JSONL)
   alpaca            {"instruction", "input", "output"}           ("input" may be empty or absent)
-  messages          {"messages": [{"role", "content"}, ...]}     (role names mapped, see ROLE_NAMES)
+  messages          {"messages": [{"role", "content"}, ...]}     (role names mapped, see utils.messages.ROLE_NAMES)
   sharegpt          {"conversations": [{"from", "value"}, ...]}
   prompt/completion {"prompt", "completion"}                     (trl's format; strings or message lists)
 Preference formats:
@@ -30,20 +30,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.files import read_bytes, read_json, read_text, reading
+from utils.messages import Message, MessageError, parse_role
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-Message = dict[str, str]
 Located = tuple[str, dict[str, Any]]  # ("data/sft.jsonl line 3", record)
 
 BUILTIN_SFT = "builtin:python-docs-sft"
 BUILTIN_DPO = "builtin:python-docs-dpo"
-ROLE_NAMES = {
-    "user": "user", "human": "user", "prompter": "user",
-    "assistant": "assistant", "ai": "assistant", "bot": "assistant", "gpt": "assistant",
-    "system": "system",
-}
 SFT_FORMATS = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
@@ -186,10 +181,11 @@ def read_records(spec: str) -> list[Located]:
 
 
 def map_role(name: Any, where: str) -> str:
-    role = ROLE_NAMES.get(str(name).strip().lower()) if isinstance(name, str) else None
-    if role is None:
-        raise ChatDataError(f"{where}: unknown role {name!r}; known roles: {', '.join(ROLE_NAMES)}")
-    return role
+    """A dataset's role name (any spelling in `ROLE_NAMES`) as one of the roles."""
+    try:
+        return parse_role(name, where, aliases=True)
+    except MessageError as err:
+        raise ChatDataError(str(err)) from None
 
 
 def _text(record: dict[str, Any], key: str, where: str) -> str:

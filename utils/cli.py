@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -13,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from utils.checkpoint import atomic_write_json
+from utils.files import atomic_write_json
 
 # Errors caused by the user's input; they end the stage with a message, not a traceback.
 # PIPELINE_DEBUG=1 shows the traceback anyway.
@@ -78,3 +79,15 @@ class StageSummary:
                 shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
                 print(f"  {key:<{width}}  {shown}")
         return self.facts
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, which run.json and results record as the code version; None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -169,7 +169,8 @@ class ModelPreset:
                 f"{source}: field 'n_head' ({self.n_head}) must be divisible by 'n_kv_head' ({self.kv_heads})"
             )
         if (self.d_model // self.n_head) % 2:
-            raise ConfigError(f"{source}: head size d_model/n_head must be even for RoPE, got {self.d_model // self.n_head}")
+            raise ConfigError(f"{source}: head size d_model/n_head must be even for RoPE, "
+                              f"got {self.d_model // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{source}: field 'dropout' must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
@@ -191,33 +192,3 @@ class ModelPreset:
 def load_preset(path: str | Path) -> ModelPreset:
     """Loads a preset JSON (`config/tiny.json` …) and validates it once."""
     return load_config(ModelPreset, path)
-
-
-def preset_with(preset: ModelPreset, **changes: Any) -> ModelPreset:
-    """A copy of `preset` with fields replaced (e.g. micro models in tests), validated again."""
-    updated = dataclasses.replace(preset, **changes)
-    updated.validate("preset override")
-    return updated
-
-
-def micro_preset(vocab_size: int = 512, **changes: Any) -> ModelPreset:
-    """The 2-layer, width-64 model used by tests and quick functional runs."""
-    values: dict[str, Any] = dict(
-        model_name="micro",
-        n_layer=2,
-        d_model=64,
-        n_head=4,
-        n_kv_head=2,
-        d_ff=128,
-        vocab_size=vocab_size,
-        sequence_length=128,
-        training=TrainingDefaults(
-            batch_size=4, gradient_accumulation_steps=1, sequence_length=64, learning_rate=3e-3, warmup_steps=2,
-            max_steps=20,
-        ),
-    )
-    values.update(changes)
-    preset = ModelPreset(**values)
-    preset.validate("micro preset")
-    return preset
-

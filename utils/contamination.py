@@ -9,19 +9,18 @@ training side streams through `check` a batch at a time.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from utils.checkpoint import sha256_file
 from utils.dedup import word_hashes, word_ngram_hashes
-from utils.files import read_json, read_text
+from utils.files import read_json, read_jsonl, read_text, sha256_file
 
 BUILTIN_EVALS = "builtin-evals"
-FORMATS = "WikiText raw text (.raw/.txt), JSONL records (BoolQ, multiple-choice, prompts: .jsonl), a JSON list of prompts (.json)"
+FORMATS = ("WikiText raw text (.raw/.txt), JSONL records (BoolQ, multiple-choice, prompts: .jsonl), "
+           "a JSON list of prompts (.json)")
 EXAMPLES_KEPT = 5
 
 
@@ -54,14 +53,7 @@ def _read_eval_file(path: Path) -> list[str]:
     if suffix in (".raw", ".txt"):
         return split_articles(read_text(path, "eval set"))
     if suffix == ".jsonl":
-        items = []
-        for number, line in enumerate(read_text(path, "eval set").splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(" ".join(_strings(json.loads(line))))
-                except json.JSONDecodeError as err:
-                    raise ContaminationError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        return items
+        return [" ".join(_strings(record)) for _, record in read_jsonl(path, "eval set")]
     if suffix == ".json":
         data = read_json(path, "eval set")
         if not isinstance(data, list):

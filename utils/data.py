@@ -12,7 +12,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,8 @@ def expand_inputs(specs: list[str]) -> list[str]:
         elif "/" in spec and not spec.startswith((".", "/")) and path.suffix == "":
             expanded.append(spec)  # a Hugging Face dataset id such as "Salesforce/wikitext"
         else:
-            raise DataError(f"input not found: {spec} (expected a file, a directory, {BUILTIN_NAME} or a hub dataset id)")
+            raise DataError(f"input not found: {spec} "
+                            f"(expected a file, a directory, {BUILTIN_NAME} or a hub dataset id)")
     return expanded
 
 
@@ -208,7 +209,8 @@ def _read_parquet(path: Path, picker: _FieldPicker) -> Iterator[str | None]:
             row += 1
 
 
-def _read_hub(spec: str, config: str | None, split: str, text_field: str | None, stats: ReadStats) -> Iterator[str | None]:
+def _read_hub(spec: str, config: str | None, split: str, text_field: str | None,
+              stats: ReadStats) -> Iterator[str | None]:
     from datasets import load_dataset
 
     try:
@@ -245,10 +247,10 @@ def read_documents(
             stats.formats[kind] += 1
             picker = _FieldPicker(text_field, path, stats)
             documents = {
-                "txt": lambda: _read_txt(path, txt_split, stats),
-                "jsonl": lambda: _read_jsonl(path, picker, stats, strict),
-                "json": lambda: _read_json(path, picker, stats),
-                "parquet": lambda: _read_parquet(path, picker),
+                "txt": partial(_read_txt, path, txt_split, stats),
+                "jsonl": partial(_read_jsonl, path, picker, stats, strict),
+                "json": partial(_read_json, path, picker, stats),
+                "parquet": partial(_read_parquet, path, picker),
             }[kind]()
         with reading(spec, "input"):
             for text in documents:

@@ -1,7 +1,8 @@
 """Evaluation sets from local files, or from the dataset hub when a `hub[:id[:config[:split]]]` spec is given.
 
-Read here: WikiText-style raw text (split into whole articles), BoolQ (original and SuperGLUE JSONL),
-generic multiple-choice JSONL with a field mapping, and smoke-test prompts. A bad record is named by file,
+Read here: WikiText-style raw text (split into pages as lm-evaluation-harness's `wikitext` task has them),
+BoolQ (original and SuperGLUE JSONL), generic multiple-choice JSONL with a field mapping, and smoke-test
+prompts (optionally with reference answers). A bad record is named by file,
 line and field, with the format that was expected.
 """
 
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint import ADAPTER_CONFIG, CheckpointError, adapter_base_path, resolve_checkpoint, sha256_file
-from utils.files import read_json, read_text
+from utils.checkpoint import ADAPTER_CONFIG, CheckpointError, adapter_base_path, resolve_checkpoint
+from utils.files import read_json, read_text, sha256_file
+from utils.messages import MessageError, validate_messages
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,32 @@ def split_articles(text: str) -> list[str]:
     return [a + "\n" for a in articles[:-1]] + articles[-1:]
 
 
+def wikitext_pages(text: str) -> list[str]:
+    """WikiText raw text → its pages, exactly as lm-evaluation-harness's `wikitext` task reads them.
+
+    The harness's documents (the `EleutherAI/wikitext_document_level` data set) are made from the raw file
+    this way: split at "\n"; a line whose stripped text, with "= = =" and "= =" closed up, starts with "= "
+    and ends with " =" (a top-level ` = Title = ` heading) starts a new page; the lines of a page are joined
+    with "\n" again, and a page that is only whitespace (the " \n" before the first heading) is dropped.
+    So, unlike `split_articles`, the newline between two pages belongs to neither, and the last page keeps
+    the file's final newline. Words and bytes are counted on these pages (see `utils.evaluation.text_stats`).
+    """
+    pages: list[str] = []
+    lines: list[str] = []
+    for line in text.split("\n"):
+        closed = line.replace("= = =", "===").replace("= =", "==").strip()
+        if closed.startswith("= ") and closed.endswith(" ="):
+            page = "\n".join(lines)
+            if page.strip():
+                pages.append(page)
+            lines = []
+        lines.append(line)
+    page = "\n".join(lines)
+    if page.strip():
+        pages.append(page)
+    return pages
+
+
 # lm-evaluation-harness's `wikitext` task scores each article after undoing WikiText's tokenisation
 # (" @-@ " → "-", " , " → ", " …) while counting words and bytes on the original article. The same rules,
 # in the same order: (pattern, replacement, is_regex).
@@ -157,7 +185,8 @@ def _read_text_file(path: Path, flag: str) -> str:
 
 
 def load_wikitext(spec: str, limit: int | None = None) -> tuple[list[str], SourceInfo]:
-    """Articles of a raw WikiText file (or the hub's `wikitext-2-raw-v1` test split), the first `limit` of them."""
+    """Pages of a raw WikiText file (or the hub's `wikitext-2-raw-v1` test split), the first `limit` of them,
+    split as lm-evaluation-harness's `wikitext` task splits them (`wikitext_pages`)."""
     if is_hub(spec):
         rows, name = _hub_rows(spec, WIKITEXT_HUB)
         text = "".join(row["text"] for row in rows)
@@ -166,9 +195,9 @@ def load_wikitext(spec: str, limit: int | None = None) -> tuple[list[str], Sourc
         path = Path(spec)
         text = _read_text_file(path, "--wikitext_path")
         info = SourceInfo(str(path), sha256_file(path), 0)
-    articles = split_articles(text)
-    info = SourceInfo(info.name, info.sha256, len(articles))
-    return articles[:_check_limit(limit, len(articles), "--wikitext_limit", info.name)], info
+    pages = wikitext_pages(text)
+    info = SourceInfo(info.name, info.sha256, len(pages))
+    return pages[:_check_limit(limit, len(pages), "--wikitext_limit", info.name)], info
 
 
 def _jsonl_records(path: Path, flag: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -324,13 +353,42 @@ def load_prompts(path: str | Path | None) -> list[str | list[dict[str, str]]]:
     for i, item in enumerate(data):
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
             item = item["prompt"]
-        valid_messages = isinstance(item, list) and item and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in item
-        )
-        if not (isinstance(item, str) or valid_messages):
+        if isinstance(item, list):
+            try:
+                item = validate_messages(item, f"--prompts_path: {path}, item {i}: messages")
+            except MessageError as err:
+                raise EvalDataError(str(err)) from None
+        elif not isinstance(item, str):
             raise EvalDataError(f"--prompts_path: {path}, item {i} is not a prompt; expected {expected}")
         prompts.append(item)
     return prompts
+
+
+def load_references(path: str | Path | None) -> list[list[str]] | None:
+    """Reference answers of the prompts file: `{"prompt": ..., "reference": "text"}` (or `"references":
+    ["text", ...]`) per prompt. None when no prompt has one; every prompt needs one when any has."""
+    if path is None:
+        return None
+    data = read_json(Path(path), "--prompts_path")
+    found = [isinstance(item, dict) and ("reference" in item or "references" in item) for item in data]
+    if not any(found):
+        return None
+    expected = '{"prompt": "text", "reference": "text"} or {"prompt": "text", "references": ["text", ...]}'
+    references = []
+    for i, item in enumerate(data):
+        if not found[i]:
+            raise EvalDataError(f"--prompts_path: {path}, item {i} has no 'reference' while other prompts have one; "
+                                f"give every prompt a reference ({expected}) or none")
+        value = item.get("references", item.get("reference"))
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not value or not all(isinstance(r, str) for r in value):
+            raise EvalDataError(f"--prompts_path: {path}, item {i}: field 'reference(s)' must be a string or a "
+                                f"non-empty list of strings, got {value!r}; expected {expected}")
+        references.append(value)
+    if len({len(r) for r in references}) > 1:
+        raise EvalDataError(f"--prompts_path: {path}: every prompt needs the same number of references (BLEU "
+                            "is computed over reference streams)")
+    return references
 
 
 def data_path_from_run(checkpoint: Path) -> Path | None:

@@ -5,16 +5,22 @@ The definitions follow lm-evaluation-harness, so the numbers are comparable with
   from a single prefix token; the model sees windows of at most `context_length` tokens and each window
   scores the next `stride` tokens. With `stride == context_length` the windows are exactly the harness's
   `loglikelihood_rolling` windows; a smaller stride gives every scored token more context at more cost.
-  Word perplexity = exp(total NLL / whitespace words); bits per byte = total NLL / (ln 2 · UTF-8 bytes).
+  Word perplexity = exp(total NLL / words); bits per byte = total NLL / (ln 2 · UTF-8 bytes); byte
+  perplexity = exp(total NLL / bytes). Words and bytes are counted as the harness's `wikitext` task counts
+  them on each original (not detokenized) page: `len(re.split(r"\\s+", page))` words (a page that starts or
+  ends with whitespace counts one empty word there) and `len(page.encode("utf-8"))` bytes.
 - Multiple choice: each choice is a continuation of the context scored by its summed log-likelihood
   (trailing spaces of the context move to the continuation; the tokens of the continuation are those of
   `encode(context + continuation)` after `len(encode(context))`; too long inputs lose tokens on the left).
   `accuracy` picks the highest sum, `accuracy_norm` the highest sum per character of the choice.
+- Generation with references: exact match, corpus BLEU (sacrebleu's default 13a tokenisation, 0-100) and
+  ROUGE-1/2/L F1 (rouge-score, 0-1, averaged over prompts, best reference per prompt).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import resource
 import statistics
 from collections import Counter
@@ -25,8 +31,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from utils.cli import progress
+from utils.decoding import BatchDecoder, GenerationResult, GenerationSettings
 from utils.eval_data import ChoiceItem
-from utils.generation import BatchDecoder, GenerationResult, GenerationSettings, Prompt, generate
+from utils.generation import Prompt, generate
 
 
 class EvaluationError(ValueError):
@@ -178,9 +185,14 @@ class TextStats:
     bytes: int
 
 
+WORD_SEPARATOR = re.compile(r"\s+")
+
+
 def text_stats(documents: Iterable[str]) -> TextStats:
+    """Words and UTF-8 bytes as lm-evaluation-harness's `wikitext` task counts them (see the module doc)."""
     docs = list(documents)
-    return TextStats(words=sum(len(d.split()) for d in docs), bytes=sum(len(d.encode("utf-8")) for d in docs))
+    return TextStats(words=sum(len(WORD_SEPARATOR.split(d)) for d in docs),
+                     bytes=sum(len(d.encode("utf-8")) for d in docs))
 
 
 def perplexity_metrics(score: LMScore, stats: TextStats | None = None) -> dict[str, float | int]:
@@ -194,6 +206,7 @@ def perplexity_metrics(score: LMScore, stats: TextStats | None = None) -> dict[s
     if stats is not None:
         metrics.update(
             word_perplexity=_safe_exp(score.nll / stats.words),
+            byte_perplexity=_safe_exp(score.nll / stats.bytes),
             bits_per_byte=score.nll / (math.log(2) * stats.bytes),
             words=stats.words,
             bytes=stats.bytes,
@@ -291,8 +304,10 @@ def score_multiple_choice(
     device: torch.device,
     delimiter: str = " ",
     desc: str = "multiple choice",
+    scores_out: list[list[float]] | None = None,
 ) -> dict[str, float | int]:
-    """Accuracy by summed log-likelihood and by log-likelihood per character, with standard errors."""
+    """Accuracy by summed log-likelihood and by log-likelihood per character, with standard errors.
+    `scores_out`, when given, receives each item's summed log-likelihood per choice."""
     requests, owners = [], []
     for number, item in enumerate(items):
         for choice in item.choices:
@@ -302,6 +317,8 @@ def score_multiple_choice(
     per_item: list[list[float]] = [[] for _ in items]
     for owner, value in zip(owners, result.values):
         per_item[owner].append(value)
+    if scores_out is not None:
+        scores_out.extend(per_item)
     hits, hits_norm, non_finite = [], [], 0
     for item, scores in zip(items, per_item):
         non_finite += not all(math.isfinite(s) for s in scores)
@@ -391,3 +408,27 @@ def smoke_generations(
             "timings": result.timings,
         })
     return samples
+
+
+def reference_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float | int]:
+    """Exact match, BLEU and ROUGE of generations against their references (sacrebleu and rouge-score)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or not predictions:
+        raise EvaluationError(f"{len(predictions)} generations for {len(references)} reference sets")
+    exact = [any(p.strip() == r.strip() for r in refs) for p, refs in zip(predictions, references)]
+    streams = [list(stream) for stream in zip(*references)]
+    bleu = sacrebleu.corpus_bleu(list(predictions), streams)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    rouge: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": []}
+    for prediction, refs in zip(predictions, references):
+        scores = [scorer.score(r, prediction) for r in refs]
+        for key in rouge:
+            rouge[key].append(max(s[key].fmeasure for s in scores))
+    return {
+        "exact_match": sum(exact) / len(exact),
+        "bleu": bleu.score,
+        **{key: sum(values) / len(values) for key, values in rouge.items()},
+        "samples": len(predictions),
+    }

@@ -1,19 +1,31 @@
-"""Reading the files a stage is given, with one error path: a file that cannot be read is named, with why.
+"""Reading and writing files: one error path for reading, atomic writes, checksums, and the repair of
+what a killed writer left behind.
 
 Every stage reads user files (data, presets, checkpoints, results) through these helpers or inside
 `reading(path)`, so a truncated download, a non-UTF-8 file or a half-written JSON file ends the stage with
 `error: cannot read <file>: <cause>` instead of a traceback or a decoder message that names no file.
+
+Every file a stage writes goes through a temporary name in the same directory and a rename, so a reader
+never sees half of it; a directory (a checkpoint, a processed data dir) is written whole under
+`.tmp-<name>-<pid>`, gets `checksums.json` (sha256 of every file) last, and is then renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
+import os
+import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import psutil
+
+CHECKSUMS = "checksums.json"
 
 
 class UnreadableFileError(ValueError):
@@ -97,3 +109,144 @@ def read_json(path: str | Path, what: str = "") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise unreadable(path, err, what) from None
+
+
+def read_jsonl(path: str | Path, what: str = "") -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line; a bad line is named by file, line and column."""
+    records = []
+    for number, line in enumerate(read_text(path, what).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            label = f"{what} {path}" if what else str(path)
+            raise UnreadableFileError(f"cannot read {label}: invalid JSON at line {number}, column {err.colno}: "
+                                      f"{err.msg}") from None
+    return records
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes via a temporary file in the same directory and renames it, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_checksums(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(directory)): sha256_file(p) for p in files}
+    atomic_write_json(directory / CHECKSUMS, sums)
+
+
+def checksum_problem(directory: str | Path) -> str | None:
+    """Why `directory` is not a complete atomic write (a file missing or not matching `checksums.json`), or None."""
+    directory = Path(directory)
+    manifest = directory / CHECKSUMS
+    if not manifest.is_file():
+        return f"{directory} is not complete: {CHECKSUMS} is missing (partial or foreign write)"
+    for name, expected in read_json(manifest, "checksum file").items():
+        file = directory / name
+        if not file.is_file():
+            return f"{directory} is incomplete: {name} is missing"
+        if sha256_file(file) != expected:
+            return f"{directory} is corrupted: {name} does not match its sha256 in {CHECKSUMS}"
+    return None
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the process whose PID ends a temporary's name is dead (so the file is debris, not in use).
+
+    Our own PID counts as gone: this is called before the stage writes anything, so a match is an earlier
+    process that had the same PID (a container restart reuses low PIDs)."""
+    pid = name.rsplit("-", 1)[-1]
+    return pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid)))
+
+
+def _is_complete(directory: Path) -> bool:
+    try:
+        return checksum_problem(directory) is None
+    except (OSError, ValueError):
+        return False
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def recover_interrupted_writes(directory: str | Path, only: str | None = None) -> list[str]:
+    """Repairs what killed writers left in `directory`; returns one line per action, for the stage to print.
+
+    A kill between atomic_directory's two renames leaves `.old-<name>-PID` (the previous copy) and
+    `.tmp-<name>-PID` with no `<name>`: the swap is finished when the new copy is complete (every checksum
+    matches), else rolled back. Temporaries of dead writers are removed. `only` limits this to one name.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    notes = []
+    for old in sorted(directory.glob(".old-*")):
+        name, _, pid = old.name.removeprefix(".old-").rpartition("-")
+        if not name or (only and name != only) or not _writer_gone(old.name):
+            continue
+        final, new = directory / name, directory / f".tmp-{name}-{pid}"
+        if final.exists():
+            _remove(old)
+            notes.append(f"removed {old}: the previous {name}/ left behind by a finished swap")
+        elif new.is_dir() and _is_complete(new):
+            os.replace(new, final)
+            _remove(old)
+            notes.append(f"finished an interrupted swap in {directory}: the new {name}/ was complete, "
+                         f"so it took its place and the previous copy was removed")
+        else:
+            os.replace(old, final)
+            notes.append(f"rolled back an interrupted swap in {directory}: the new {name}/ was incomplete, "
+                         f"so the previous {name}/ is back")
+    for stale in sorted({*directory.glob(".*.tmp-*"), *directory.glob(".tmp-*")}):
+        owner = stale.name.removeprefix(".tmp-").rpartition("-")[0] if stale.name.startswith(".tmp-") else None
+        if (only and owner != only) or not _writer_gone(stale.name):
+            continue
+        _remove(stale)
+        notes.append(f"removed {stale}: a temporary left by a process that no longer runs")
+    return notes
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory; on success checksums it and renames it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_writes(final.parent, only=final.name)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_checksums(tmp)
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

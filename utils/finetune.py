@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -31,29 +32,34 @@ from utils.checkpoint import (
     ADAPTER_CONFIG,
     CheckpointError,
     adapter_base_path,
-    atomic_directory,
-    atomic_write_json,
     check_readable,
     describe_missing,
-    git_commit,
-    recover_interrupted_writes,
     resolve_checkpoint,
-    sha256_file,
     update_latest,
 )
-from utils.cli import progress
+from utils.cli import git_commit, progress
 from utils.config import ConfigError, from_dict, load_json
-from utils.files import UnreadableFileError, read_json
+from utils.files import (
+    UnreadableFileError,
+    atomic_directory,
+    atomic_write_json,
+    read_json,
+    recover_interrupted_writes,
+    sha256_file,
+)
 from utils.gpu import check_4bit_loading, load_4bit_for_training
+from utils.layout import FINAL, MERGED, STATE_DIR
 from utils.metrics import MetricsLogger, memory_mb
-from utils.model_card import write_model_card
 from utils.model import resolve_attention
-from utils.templates import TEMPLATES, get_template, save_template_name
-from utils.tokenizer import save_tokenizer
+from utils.model_card import write_model_card
+from utils.templates import NATIVE, TEMPLATES, inference_template, native_chat_template, save_template_name
+from utils.tokenizer import CHAT_TOKENS, save_tokenizer
+from utils.trackers import CHOICES as TRACKER_CHOICES
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STATE_DIR = "training_state"
-FINAL, MERGED = "final", "merged"
+RESIZED_BASE = "base"  # a LoRA run that added tokens: the starting model with its embeddings resized
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # no duplicate .bin weights
 DPO_STOP_METRICS = {"eval_loss": False, "eval_rewards/accuracies": True}  # metric -> greater is better
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")  # trl 1.16's
@@ -236,7 +242,10 @@ def add_training_flags(parser: argparse.ArgumentParser, config: Callable[[str], 
     add("--attn", default="auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
         help="attention implementation; auto = flash-attn 2 when installed on a recent GPU, else SDPA")
     add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
-    add("--report_to", default="none", help="trainer integrations: none, tensorboard, wandb")
+    add("--report_to", default="none",
+        help=f"experiment tracker: {', '.join(TRACKER_CHOICES)}, or several joined by commas; each needs its "
+             "package (pip install tensorboard / wandb / trackio / mlflow); wandb runs offline without "
+             "WANDB_API_KEY; TensorBoard events go to <output_dir>/runs/")
 
 
 def load_settings(cls: type, config_path: str | Path, args: argparse.Namespace):
@@ -292,14 +301,53 @@ def is_adapter(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file()
 
 
-def default_output_dir(stage: str, model_dir: Path) -> Path:
-    """`checkpoints/<stage>/<preset>`: the preset is the directory after pretrain/sft/dpo in the input path."""
-    parts = model_dir.resolve().parts
-    for i, part in enumerate(parts[:-1]):
-        if part in ("pretrain", "sft", "dpo") and i > 0 and parts[i - 1] == "checkpoints":
-            return Path("checkpoints", stage, parts[i + 1])
-    inside_stage = model_dir.name in (FINAL, MERGED) or model_dir.name.startswith("step_")
-    return Path("checkpoints", stage, model_dir.resolve().parent.name if inside_stage else model_dir.name)
+def _describe_hf_model_dir(directory: Path) -> str | None:
+    """Why `directory` is not a Hugging Face causal-LM directory with its tokenizer, or None when it is one."""
+    if not directory.is_dir():
+        return f"{directory} does not exist or is not a directory"
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    missing = [] if (directory / "config.json").is_file() else ["config.json"]
+    if not any((directory / name).is_file() for name in weights):
+        missing.append("the weights (model.safetensors)")
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        missing.append("a tokenizer (tokenizer.json)")
+    return f"{directory} is not a model directory: missing {', '.join(missing)}" if missing else None
+
+
+def download_model(hub_id: str) -> Path:
+    """A Hugging Face Hub model's files in the local cache (fetched when online); one error paragraph otherwise."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated, network: all the same advice
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"--model_path {hub_id!r} is not a local directory, and the Hugging Face Hub model of that name could "
+            f"not be fetched ({type(err).__name__}: {cause}). "
+            + ("HF_HUB_OFFLINE is set, so only models already in the local Hugging Face cache are found. "
+               if offline else "")
+            + "Pass a local checkpoint directory (a pipeline checkpoint, or any directory save_pretrained wrote with "
+              "its tokenizer), or check the id and the network (gated models also need `hf auth login`)."
+        ) from None
+
+
+def resolve_start(spec: str | Path) -> tuple[Path, str | None]:
+    """What 03_sft starts from: a pipeline checkpoint (following `latest`), any local Hugging Face causal-LM
+    directory with its tokenizer, or a Hub model id (`owner/name`, fetched into the cache). Returns the local
+    directory and the Hub id (None for a local path)."""
+    spec = str(spec)
+    if not Path(spec).exists() and HUB_ID.fullmatch(spec):
+        directory, hub_id = download_model(spec), spec
+    else:
+        directory, hub_id = resolve_checkpoint(spec), None
+    if is_adapter(directory) or describe_missing(directory) is None:
+        return resolve_input(directory), hub_id
+    problem = _describe_hf_model_dir(directory)
+    if problem:
+        raise CheckpointError(f"--model_path: {problem}")
+    return directory, hub_id
 
 
 def prepare_output(stage_dir: Path, resume: bool) -> str | None:
@@ -344,21 +392,111 @@ def effective_max_length(requested: int, model: PreTrainedModel) -> int:
     return min(requested, model.config.get_text_config().max_position_embeddings)
 
 
-def lora_config(settings: LoraSettings, model: PreTrainedModel):
-    """peft LoraConfig on the target modules this model has (MoE experts, for one, have no gate/up/down_proj)."""
-    from peft import LoraConfig
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
 
-    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    targets = [name for name in settings.target_modules if name in present]
+
+def lora_config(settings: LoraSettings, model: PreTrainedModel, new_token_ids: list[int] | None = None):
+    """peft LoraConfig on the target modules this model has (MoE experts, for one, have no gate/up/down_proj).
+
+    The default target list names the Llama-style projections; a model with none of them (GPT-2's c_attn/c_fc,
+    say) gets peft's `all-linear` instead. With `new_token_ids` (tokens 03_sft added, e.g. ChatML's) the input
+    embeddings (and the output layer, when not tied to them) train in full and are saved in the adapter
+    (peft's modules_to_save), so the new rows are learnt and the adapter and merged model agree."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+               if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output}
+    targets: list[str] | str = [name for name in settings.target_modules if name in present]
     if not targets:
-        raise ConfigError(
-            f"none of the LoRA target modules {settings.target_modules} exist in this model; "
-            f"its linear layers are: {sorted(present)}"
-        )
+        if list(settings.target_modules) != DEFAULT_TARGET_MODULES:
+            raise ConfigError(
+                f"none of the LoRA target modules {settings.target_modules} exist in this model; "
+                f"its linear layers are: {sorted(present)}"
+            )
+        targets = "all-linear"
+        print(f"note: this {model.config.model_type} model has none of the default LoRA targets "
+              f"({','.join(DEFAULT_TARGET_MODULES)}); adapting all its linear layers ({','.join(sorted(present))})")
+    # peft's trainable_token_indices would train just the new rows, but trl 1.16's fused LM head reads
+    # `lm_head.bias`, which peft's token wrapper lacks; whole-matrix copies (modules_to_save) work with it
+    modules_to_save, tied = None, False
+    if new_token_ids:
+        modules_to_save = [_module_name(model, model.get_input_embeddings())]
+        tied = output is not None and output.weight is model.get_input_embeddings().weight
+        if output is not None and not tied:
+            modules_to_save.append(_module_name(model, output))
     return LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=targets, bias="none", task_type="CAUSAL_LM",
+        target_modules=targets, bias="none", task_type="CAUSAL_LM", modules_to_save=modules_to_save,
+        ensure_weight_tying=tied,
     )
+
+
+# ---------------------------------------------------------------- chat templates of foreign models
+
+
+def choose_template(tokenizer: PreTrainedTokenizerBase, requested: str | None, configured: str) -> str:
+    """The template 03_sft trains with: `--prompt_template` when given; else the tokenizer's own chat template
+    when it has one that is not ours (a foreign model keeps its format: `native`); else the config's."""
+    own = native_chat_template(tokenizer)
+    if requested is None and own is not None:
+        return NATIVE
+    if requested is not None and own is not None:
+        print(f"note: --prompt_template {requested} replaces the model's own chat template")
+    return requested or configured
+
+
+def add_template_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, template: str) -> list[int]:
+    """Makes the tokenizer and model able to express `template`: ChatML's `<|im_start|>`/`<|im_end|>` are added
+    as special tokens when missing (the embeddings resized to match), a missing pad token becomes EOS, and
+    generation also stops at `<|im_end|>`. Returns the ids of the added tokens."""
+    vocab = tokenizer.get_vocab()
+    if template in ("instruct", "chat") and tokenizer.eos_token is None:
+        raise ConfigError(f"the {template!r} template ends each reply with the EOS token, and this tokenizer has "
+                          "none; use --prompt_template chatml (its tokens are added to the vocabulary)")
+    missing = [token for token in CHAT_TOKENS if token not in vocab] if template == "chatml" else []
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    added = [tokenizer.convert_tokens_to_ids(token) for token in missing]
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or CHAT_TOKENS[1]
+    if template == "chatml":
+        end = tokenizer.convert_tokens_to_ids(CHAT_TOKENS[1])
+        current = model.generation_config.eos_token_id
+        current = [] if current is None else [current] if isinstance(current, int) else list(current)
+        model.generation_config.eos_token_id = sorted({*current, end, *([tokenizer.eos_token_id]
+                                                                        if tokenizer.eos_token_id is not None else [])})
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return added
+
+
+def resized_base_of(stage_dir: Path, source: Path) -> list[int] | None:
+    """The token ids `<stage_dir>/base/` added to `source`, when that resized base was made from `source`."""
+    run_file = stage_dir / RESIZED_BASE / "run.json"
+    if not run_file.is_file():
+        return None
+    info = read_json(run_file, "checkpoint file")
+    if info.get("resized_from") != str(source.resolve()):
+        return None
+    return list(info.get("added_token_ids") or [])
+
+
+def save_resized_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
+                      source: Path, added: list[int]) -> None:
+    """The starting model with its added token rows, before training: the base a LoRA adapter that trained those
+    rows loads on (the original model lacks them). Written atomically, like every checkpoint."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp, None)
+        atomic_write_json(tmp / "run.json", {
+            "stage": "sft-base", "resized_from": str(source.resolve()), "added_token_ids": added,
+            "added_tokens": tokenizer.convert_ids_to_tokens(added), "git_commit": git_commit(),
+        })
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -371,7 +509,7 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 def _common_arguments(
     settings: TrainSettings, output_dir: Path, full: bool, has_eval: bool, precision: str,
-    gradient_checkpointing: bool, report_to: str, stop_metric: str, greater_is_better: bool,
+    gradient_checkpointing: bool, report_to: str | list[str], stop_metric: str, greater_is_better: bool,
 ) -> dict[str, Any]:
     if settings.early_stopping_patience and not has_eval:
         raise ConfigError("--early_stopping_patience needs held-out data: set --eval_fraction > 0")
@@ -404,7 +542,9 @@ def _common_arguments(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=gradient_checkpointing,
-        report_to=report_to,
+        report_to=report_to or "none",
+        run_name=output_dir.parent.name,
+        project="mini-llm",  # trackio's project
         disable_tqdm=True,  # StageLogger draws the progress bar
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -421,10 +561,15 @@ def _callbacks(settings: TrainSettings, logger: TrainerCallback) -> list[Trainer
 
 
 def _quiet(trainer) -> None:
-    """The trainer prints every log dict when tqdm is off; StageLogger already shows them."""
+    """The trainer prints every log dict when tqdm is off; StageLogger already shows them. TensorBoard events go to
+    `<stage dir>/runs/<date>_<host>/` (the trainer's default is inside training_state/, which a new run clears)."""
+    from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+            callback.logging_dir = str(Path(trainer.args.output_dir).parent / default_logdir())
 
 
 def build_sft_trainer(
@@ -440,9 +585,11 @@ def build_sft_trainer(
     max_length: int,
     precision: str = "no",
     gradient_checkpointing: bool = False,
-    report_to: str = "none",
+    report_to: str | list[str] = "none",
+    new_token_ids: list[int] | None = None,
 ):
-    """trl's SFTTrainer on pre-tokenized examples whose labels already mask everything but the replies."""
+    """trl's SFTTrainer on pre-tokenized examples whose labels already mask everything but the replies;
+    `new_token_ids`: tokens added to the vocabulary, whose rows a LoRA run also trains."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -462,7 +609,7 @@ def build_sft_trainer(
         train_dataset=as_dataset(train),
         eval_dataset=as_dataset(held_out) if held_out else None,
         processing_class=tokenizer,
-        peft_config=None if full else lora_config(settings.lora, model),
+        peft_config=None if full else lora_config(settings.lora, model, new_token_ids),
         callbacks=_callbacks(settings, logger),
     )
     _quiet(trainer)
@@ -482,7 +629,7 @@ def build_dpo_trainer(
     max_length: int,
     precision: str = "no",
     gradient_checkpointing: bool = False,
-    report_to: str = "none",
+    report_to: str | list[str] = "none",
 ):
     """trl's DPOTrainer. References: a LoRA adapter being continued is compared with a frozen copy of its own
     starting weights (the SFT policy, a few MB); a fresh adapter with the model with adapters disabled; full
@@ -600,7 +747,7 @@ def save_checkpoint(
             atomic_write_json(tmp / ADAPTER_CONFIG, config)
         else:
             model.save_pretrained(tmp)
-        save_tokenizer(tokenizer, tmp, get_template(template))
+        save_tokenizer(tokenizer, tmp, inference_template(tokenizer, template))
         save_template_name(tmp, template)
         atomic_write_json(tmp / "run.json", run_info)
         write_model_card(tmp, directory.resolve(), model, run_info, template, base)

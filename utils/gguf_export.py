@@ -28,6 +28,7 @@ import numpy as np
 
 from utils.checkpoint import ADAPTER_CONFIG, check_readable, describe_missing, resolve_checkpoint
 from utils.files import read_json
+from utils.layout import stage_and_preset
 from utils.templates import TEMPLATE_FILE, get_template, load_template_name
 from utils.tokenizer import EOS, sentencepiece_model
 
@@ -134,11 +135,9 @@ def _source(model_path: str | Path) -> Path:
 
 
 def _model_name(directory: Path) -> str:
-    """`<preset>-<stage>` for `checkpoints/<stage>/<preset>/<checkpoint>`, else the directory's name."""
-    parts = directory.resolve().parts
-    if len(parts) >= 4 and parts[-4] == "checkpoints":
-        return f"{parts[-2]}-{parts[-3]}"
-    return directory.name
+    """`<preset>-<stage>` for a checkpoint inside `<stage>/<preset>/`, else the directory's name."""
+    where = stage_and_preset(directory)
+    return f"{where[1]}-{where[0]}" if where else directory.name
 
 
 def _architecture(config: dict[str, Any], directory: Path) -> str:

@@ -84,9 +84,11 @@ def write_model_card(
         ("parameters", f"{total:,}" + (f" ({lora:,} of them the LoRA adapter)" if adapter else "")),
         ("layers / hidden / heads (kv heads) / feed-forward",
          f"{config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} "
-         f"({config.num_key_value_heads}) / {config.intermediate_size}"),
+         f"({getattr(config, 'num_key_value_heads', config.num_attention_heads)}) / "
+         f"{getattr(config, 'intermediate_size', None) or '?'}"),
         ("context length", config.max_position_embeddings),
-        ("vocabulary", f"{config.vocab_size} (SentencePiece BPE, tokenizer.model; no BOS or EOS is added)"),
+        ("vocabulary", f"{config.vocab_size} (SentencePiece BPE, tokenizer.model; no BOS or EOS is added)"
+         if (directory / "tokenizer.model").is_file() else f"{config.vocab_size} (the base model's tokenizer)"),
         ("tied embeddings", getattr(config, "tie_word_embeddings", None)),
         ("chat template", f"{template} (template.json; the tokenizer's chat_template)" if template
          else "none: plain completion"),

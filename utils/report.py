@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from utils.files import read_json
+from utils.layout import STAGES
 from utils.metrics import read_metrics
-from utils.results import RESULTS_FILE, STAGES, environment_info, load_results
+from utils.results import RESULTS_FILE, environment_info, load_results
 
 SPEED_KEYS = ("prefill_tokens_per_second", "decode_tokens_per_second", "time_to_first_token_seconds", "peak_memory_mb")
 HEADLINE_METRICS = (
@@ -155,8 +156,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return read_json(path, "run file") if path.is_file() else None
 
 
-def collect_run(data_dir: Path, checkpoints_dir: Path, results_dir: Path, sweeps_dir: Path | None = None) -> RunCollection:
-    """Everything the pipeline stages wrote, found by the layout in DESIGN.md, and the sweeps (scripts/sweep.py)."""
+def collect_run(data_dir: Path, checkpoints_dir: Path, results_dir: Path,
+                sweeps_dir: Path | None = None) -> RunCollection:
+    """Everything the pipeline stages wrote, found by the layout in docs/design.md, and the sweeps
+    (scripts/sweep.py)."""
     run = RunCollection()
     if sweeps_dir is not None:
         run.sweeps = [(path.parent, _read_json(path)) for path in sorted(sweeps_dir.glob("*/trials.json"))]
@@ -450,7 +453,8 @@ def _sweep_section(run: RunCollection, plots_dir: Path, out_dir: Path) -> list[s
         if done:
             names = sorted(done[0]["settings"])
             out += ["Best trials:", "", table(["trial", "val loss", "seconds", *names], [
-                [t["number"], t["val_loss"], t["seconds"], *[t["settings"].get(n) for n in names]] for t in done[:5]]), ""]
+                [t["number"], t["val_loss"], t["seconds"], *[t["settings"].get(n) for n in names]]
+                for t in done[:5]]), ""]
         history = directory / "history.png"
         if history.is_file():
             copy = plots_dir / f"sweep-{directory.name}.png"

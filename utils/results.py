@@ -9,7 +9,6 @@ NaN or infinite is stored as null, so the file stays strict JSON and a gate on i
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -20,15 +19,15 @@ from typing import Any
 import torch
 import transformers
 
-from utils.checkpoint import ADAPTER_CONFIG, CHECKSUMS, adapter_base_path, git_commit, sha256_file
+from utils.checkpoint import ADAPTER_CONFIG, adapter_base_path
+from utils.cli import git_commit
 from utils.config import ConfigError, from_dict, load_json
-from utils.files import read_json
-from utils.generation import LoadedModel
+from utils.files import CHECKSUMS, read_json, sha256_file
+from utils.loading import LoadedModel
 from utils.model import count_parameters
 from utils.tokenizer import tokenizer_sha256
 
 RESULTS_FILE = "results.json"
-STAGES = ("pretrain", "sft", "dpo")
 # Metric name endings whose value improves downwards / upwards; anything else (counts, sizes) is neutral.
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss", "seconds", "memory_mb")
 HIGHER_IS_BETTER = ("accuracy", "accuracy_norm", "tokens_per_second")
@@ -239,7 +238,7 @@ def weights_sha256(directory: Path, filename: str) -> str | None:
     """sha256 of a weights file, from the checkpoint's checksums.json when it has one (no re-hashing)."""
     sums_file = directory / CHECKSUMS
     if sums_file.is_file():
-        known = json.loads(sums_file.read_text(encoding="utf-8")).get(filename)
+        known = read_json(sums_file, "checkpoint file").get(filename)
         if known:
             return known
     return sha256_file(directory / filename) if (directory / filename).is_file() else None

@@ -1,67 +1,61 @@
-"""The HTTP API of `06_serve --mode api`: FastAPI app, request models, and the batching scheduler.
+"""The HTTP API of `06_serve --mode api`: the FastAPI app, its routes, and the service they share.
 
 Routes: `POST /generate` (our own format), OpenAI-compatible `POST /v1/chat/completions`,
 `POST /v1/completions`, `GET /v1/models` and `GET /v1/models/{id}`, `GET /health`, the chat page at `GET /`,
-OpenAPI docs at `/docs`. Every request is validated, formatted and tokenized on the event loop, then handed
-to one `Scheduler` thread that owns the model: it admits queued requests into a running `BatchDecoder`
-between decode steps (continuous batching), streams each request's text back to its own asyncio queue,
-and runs the forward passes that score prompts (`echo` with `logprobs`). Errors share one JSON shape,
-OpenAI's: `{"error": {"message", "type", "param", "code"}}`; a client's mistake is a 4xx, never a 500. A
-field OpenAI defines is implemented or, when set to anything but its neutral value, a 400 naming it.
+OpenAPI docs at `/docs`. Every request is validated (`utils.openai_api` holds the request models and the
+response shapes), formatted and tokenized on the event loop, then handed to the `Scheduler` thread
+(`utils.scheduler`) that owns the model; each request's text streams back to its own asyncio queue. Errors
+share one JSON shape, OpenAI's: `{"error": {"message", "type", "param", "code"}}`; a client's mistake is a
+4xx, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import concurrent.futures
-import copy
 import hmac
 import json
 import os
-import queue
 import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    ValidationInfo,
-    field_validator,
-)
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from utils.generation import (
-    MAX_TOP_LOGPROBS,
-    BatchDecoder,
+from utils.decoding import (
     ContextLengthError,
     GenerationError,
     GenerationResult,
     GenerationSettings,
-    LoadedModel,
-    Prompt,
-    SequenceState,
     StreamEvent,
     TokenLogprob,
     check_fits,
-    encode_prompt,
 )
+from utils.generation import Prompt, encode_prompt
+from utils.loading import LoadedModel
+from utils.openai_api import (
+    ChatCompletionRequest,
+    CompletionLogprobs,
+    CompletionRequest,
+    GenerateRequest,
+    TokenText,
+    chat_logprobs,
+    fold_choices,
+    generate_body,
+    generation_settings,
+    openai_finish,
+    sse,
+    usage,
+)
+from utils.scheduler import QueueFullError, Scheduler, ScoreJob, ScoringError
 from utils.templates import TEMPLATES
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
@@ -70,15 +64,7 @@ API_KEY_ENV = "SERVE_API_KEY"
 # Routes that never need the API key: the liveness probe, and the static chat page (it holds no data and
 # asks for the key, which it then sends as a Bearer token on every API call).
 OPEN_PATHS = ("/health", "/")
-TemplateName = Literal["chatml", "instruct", "chat", "none"]
-# Sampling colder than this overflows the scaled logits to inf (NaN probabilities); it is greedy in all but name.
-GREEDY_BELOW = 1e-5
-# A smaller penalty divides repeated tokens' logits past float range, with the same NaN result.
-MIN_REPETITION_PENALTY = 0.01
-MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions' `logprobs`
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
-# SentencePiece's byte-fallback pieces: one raw byte of a character the vocabulary lacks.
-BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 T = TypeVar("T")
 
 
@@ -107,131 +93,7 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-# --------------------------------------------------------------------------- scheduler
-
-
-class QueueFullError(Exception):
-    pass
-
-
-@dataclass
-class ScoreJob:
-    """A prompt to score (`BatchDecoder.score`) on the scheduler's thread; a cancelled future skips it."""
-
-    ids: list[int]
-    top: int
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-class Scheduler:
-    """The one thread that runs the model: admits queued sequences between steps, up to `max_batch_size`,
-    and scores prompts between steps too."""
-
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, max_queue: int):
-        # Its own tokenizer copy: the event loop encodes prompts while this thread decodes.
-        self.decoder = BatchDecoder(loaded.model, copy.deepcopy(loaded.tokenizer), max_batch_size=max_batch_size)
-        self.pending: queue.Queue[SequenceState | ScoreJob | None] = queue.Queue(maxsize=max_queue)
-        self.completed = 0
-        self.cancelled = 0
-        self.failed = 0
-        self.generated_tokens = 0
-        self.thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.pending.put(None)
-        self.thread.join(timeout=10)
-
-    def submit(self, item: SequenceState | ScoreJob) -> None:
-        try:
-            self.pending.put_nowait(item)
-        except queue.Full:
-            raise QueueFullError from None
-
-    def stats(self) -> dict[str, int]:
-        """`cancelled`: sequences whose client went away (dropped from the queue, or stopped mid-decode, which
-        `completed` counts too); `failed`: ended by an internal error."""
-        return {
-            "active": len(self.decoder), "queued": self.pending.qsize(), "completed": self.completed,
-            "cancelled": self.cancelled, "failed": self.failed, "generated_tokens": self.generated_tokens,
-            "max_batch_size": self.decoder.max_batch_size,
-        }
-
-    def _admit(self, seq: SequenceState | ScoreJob) -> None:
-        if isinstance(seq, ScoreJob):
-            self._score(seq)
-            return
-        if seq.cancelled:
-            self.cancelled += 1
-            return
-        try:
-            self.decoder.add(seq)
-        except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
-            seq.fail(f"generation failed: {err}")
-        self._count(seq)
-
-    def _score(self, job: ScoreJob) -> None:
-        if not job.future.set_running_or_notify_cancel():  # its client is gone
-            return
-        try:
-            job.future.set_result(self.decoder.score(job.ids, job.top))
-        except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
-            job.future.set_exception(ApiError(500, f"scoring the prompt failed: {err}", kind="server_error"))
-
-    def _count(self, seq: SequenceState) -> None:
-        if seq.result is not None:
-            self.generated_tokens += len(seq.result.tokens)
-            self.completed += 1
-            self.cancelled += seq.result.finish_reason == "cancelled"
-        elif seq.finish_reason == "error":
-            self.failed += 1
-
-    def _new_decoder(self, max_batch_size: int) -> BatchDecoder:
-        return BatchDecoder(self.decoder.model, self.decoder.tokenizer, max_batch_size)
-
-    def _isolate(self, running: list[SequenceState]) -> None:
-        """After a failed batch step, retries each of its sequences alone: only one that fails again is failed.
-
-        The batch's cache is not trusted after a failure, so every survivor is prefilled again from its own
-        tokens, once to retry the step alone and once more to rejoin the new batch.
-        """
-        self.decoder = self._new_decoder(self.decoder.max_batch_size)
-        for seq in running:
-            if seq.finish_reason is not None:
-                continue
-            try:
-                alone = self._new_decoder(1)
-                alone.resume(seq)
-                alone.step()
-                if seq.finish_reason is None:
-                    self.decoder.resume(seq)
-            except Exception as err:  # noqa: BLE001 - this sequence is the culprit
-                seq.fail(f"generation failed: {err}")
-
-    def _loop(self) -> None:
-        while True:
-            if not len(self.decoder):
-                item = self.pending.get()
-                if item is None:
-                    return
-                self._admit(item)
-            while self.decoder.has_room:
-                try:
-                    item = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    return
-                self._admit(item)
-            running = list(self.decoder.sequences)
-            try:
-                self.decoder.step()
-            except Exception:  # noqa: BLE001 - find the sequence that broke the step, keep the others
-                self._isolate(running)
-            for seq in running:
-                self._count(seq)
+# --------------------------------------------------------------------------- a request's link to the scheduler
 
 
 class Generation:
@@ -329,221 +191,7 @@ async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
             task.cancel()
 
 
-# --------------------------------------------------------------------------- request models
-
-
-def _as_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
-
-
-# Field types are strict: `"stream": 0` or `"top_k": false` is a mistake to report, not to coerce. A float field
-# still takes a JSON integer (temperature 1).
-Number = Annotated[float, Field(strict=True)]
-NonEmpty = Annotated[str, Field(min_length=1)]
-# One stop string or several, held as a list; an empty one would match at once.
-Stops = Annotated[list[NonEmpty], BeforeValidator(_as_list, json_schema_input_type=NonEmpty | list[NonEmpty])]
-# Past 64 bits torch's generator overflows; the signed 64-bit range is what other servers take too.
-Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
-COLD = f"below {GREEDY_BELOW:g} is greedy too"
-PENALTY = f"{MIN_REPETITION_PENALTY:g}-10; 1.0 = off, below 1 favours repeats"
-
-
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)  # a bool is no token id
-
-
-def _prompts(value: Any) -> Any:
-    """One prompt or a batch of them, as a list: each a string or a non-empty list of token ids."""
-    if isinstance(value, str) or _is_token_ids(value):
-        return [value]
-    if not isinstance(value, list) or not value:
-        raise ValueError("must be a string, a list of token ids, or a non-empty list of strings or token-id lists")
-    for i, item in enumerate(value):
-        if not (isinstance(item, str) or _is_token_ids(item)):
-            raise ValueError(f"item {i} is neither a string nor a non-empty list of integer token ids")
-    return value
-
-
-Prompts = Annotated[
-    list[str | list[int]],
-    BeforeValidator(_prompts, json_schema_input_type=str | list[str] | list[int] | list[list[int]]),
-]
-
-
-def _off(value: Any) -> bool:
-    return not value
-
-
-def _unsupported(kind: Any, accepted: str = "null", neutral: Callable[[Any], bool] = _off) -> Any:
-    """An OpenAI field this server does not implement: its neutral values pass, any other is a 400 naming the
-    field, since a client that asked for it must not get an answer that silently lacks it."""
-
-    def check(value: Any) -> Any:
-        if not neutral(value):
-            raise ValueError(f"not supported by this server (only {accepted} is accepted)")
-        return value
-
-    return Annotated[kind | None, AfterValidator(check), Field(description=f"not supported: only {accepted}")]
-
-
-def _is_text_format(value: dict[str, Any] | None) -> bool:
-    return value is None or value.get("type") == "text"
-
-
-ZeroOnly = _unsupported(Number, "0")
-NoMap = _unsupported(dict[str, Number], "null or {}")
-NoList = _unsupported(list[Any], "null or []")
-NoObject = _unsupported(dict[str, Any], "null")
-NoString = _unsupported(str, "null")
-NoneChoice = _unsupported(str | dict[str, Any], 'null or "none"', lambda v: v in (None, "none"))
-TextFormat = _unsupported(dict[str, Any], 'null or {"type": "text"}', _is_text_format)
-TextModality = _unsupported(list[str], 'null or ["text"]', lambda v: v in (None, ["text"]))
-OneBest = _unsupported(StrictInt, "null or 1", lambda v: v in (None, 1))
-NoSuffix = _unsupported(str, 'null or ""')
-
-
-def _text_only(value: Any) -> Any:
-    """Text parts only: OpenAI's other part types (image_url, input_audio, file) hold what this model cannot read."""
-    if isinstance(value, list):
-        for i, part in enumerate(value):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                raise ValueError(f"part {i} is of type '{kind}': this server reads text parts only")
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f'part {i} must be {{"type": "text", "text": <a string>}}')
-    elif value is not None and not isinstance(value, str):
-        raise ValueError("must be a string, a list of text parts, or null (in an assistant turn)")
-    return value
-
-
-class GenerateRequest(BaseModel):
-    """`POST /generate`. Unknown fields are rejected, so a typo is a 400 naming it."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    max_new_tokens: StrictInt | None = Field(None, ge=1, description="capped by the server's --max_new_tokens_cap")
-    temperature: Number = Field(0.7, ge=0, le=5, description=f"0 = greedy; {COLD}")
-    top_p: Number = Field(1.0, gt=0, le=1)
-    top_k: StrictInt = Field(0, ge=0, description="0 = off")
-    repetition_penalty: Number = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10, description=PENALTY)
-    template: TemplateName | None = Field(
-        None, description="prompt template; default: the checkpoint's (none = raw completion for a base model)"
-    )
-    stop: Stops | None = Field(None, description="a non-empty string or a list of them")
-    seed: Seed | None = Field(None, description="for reproducible sampling; a signed 64-bit integer")
-    stream: StrictBool = False
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[
-        str | list[ContentPart] | None,
-        BeforeValidator(_text_only, json_schema_input_type=str | list[ContentPart] | None),
-    ] = Field(None, validate_default=True, description="a string or text parts; null only in an assistant turn")
-    name: str | None = Field(None, description="accepted, unused")
-    tool_calls: NoList = None
-
-    @field_validator("content")
-    @classmethod
-    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None and info.data.get("role") != "assistant":
-            raise ValueError("required: only an assistant turn may leave it null")
-        return value
-
-    def plain(self) -> dict[str, str]:
-        parts = [self.content] if isinstance(self.content, str) else [p.text for p in self.content or []]
-        return {"role": "system" if self.role == "developer" else self.role, "content": "".join(parts)}
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: StrictBool = False
-
-
-class OpenAIRequest(BaseModel):
-    """Fields shared by the OpenAI routes. Every field OpenAI defines is declared: implemented, accepted as
-    harmless (`user`), or refused unless neutral (`_unsupported`); fields OpenAI does not define are ignored, as
-    vLLM does, since clients send their own vendors' extensions."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, description="the served model name; omitted = that model; another is a 404")
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number = Field(1.0, ge=0, le=2, description=f"0 = greedy; {COLD}")
-    top_p: Number = Field(1.0, gt=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=1, description="only 1 is supported")
-    stop: Stops | None = Field(None, description="a non-empty string or a list of them")
-    seed: Seed | None = Field(None, description="a signed 64-bit integer")
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
-    top_k: StrictInt = Field(0, ge=0, description="extension (extra_body)")
-    repetition_penalty: Number = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10,
-                                       description=f"extension (extra_body); {PENALTY}")
-    user: str | None = Field(None, description="accepted, unused")
-    frequency_penalty: ZeroOnly = None
-    presence_penalty: ZeroOnly = None
-    logit_bias: NoMap = None
-
-
-class ChatCompletionRequest(OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool = Field(False, description="each generated token's log-probability")
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                           description="most likely alternatives per token; needs logprobs")
-    template: TemplateName | None = Field(None, description="extension (extra_body); default: the checkpoint's")
-    metadata: dict[str, str] | None = Field(None, description="accepted, unused")
-    store: StrictBool | None = Field(None, description="accepted, unused: nothing is stored")
-    service_tier: str | None = Field(None, description="accepted, unused")
-    safety_identifier: str | None = Field(None, description="accepted, unused")
-    prompt_cache_key: str | None = Field(None, description="accepted, unused")
-    parallel_tool_calls: StrictBool | None = Field(None, description="accepted, unused (there are no tools)")
-    response_format: TextFormat = None
-    tools: NoList = None
-    tool_choice: NoneChoice = None
-    functions: NoList = None
-    function_call: NoneChoice = None
-    audio: NoObject = None
-    modalities: TextModality = None
-    prediction: NoObject = None
-    reasoning_effort: NoString = None
-    verbosity: NoString = None
-    web_search_options: NoObject = None
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and not info.data.get("logprobs"):
-            raise ValueError("needs logprobs: true")
-        return value
-
-
-class CompletionRequest(OpenAIRequest):
-    prompt: Prompts = Field(
-        description="a string, a list of token ids, or a batch: a list of strings or of token-id lists (one "
-                    "choice each, in order)"
-    )
-    max_tokens: StrictInt | None = Field(16, ge=0, description="0 = generate nothing (with echo: score the prompt)")
-    echo: StrictBool = Field(False, description="the prompt comes back before the completion (and in logprobs)")
-    logprobs: StrictInt | None = Field(
-        None, ge=0, le=MAX_COMPLETION_LOGPROBS,
-        description="each token's log-probability and the top N alternatives (the chosen token is added)",
-    )
-    best_of: OneBest = None
-    suffix: NoSuffix = None
-
-
-# --------------------------------------------------------------------------- the app
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
+# --------------------------------------------------------------------------- the service
 
 
 class Service:
@@ -556,30 +204,12 @@ class Service:
         # Ids past the tokenizer cannot be shown, past the embedding cannot be run.
         self.vocab_size = min(len(loaded.tokenizer), loaded.model.config.vocab_size)
         self.scheduler = Scheduler(loaded, settings.max_batch_size, settings.max_queue)
-        self._token_bytes: dict[int, bytes] = {}
+        self.tokens = TokenText(loaded.tokenizer)
 
     def check_model(self, requested: str | None) -> None:
         """A request may name the served model or none; another name is vLLM's and OpenAI's 404."""
         if requested and requested != self.settings.model_id:
             raise ApiError(404, f"The model `{requested}` does not exist.", "model", code="model_not_found")
-
-    def token_bytes(self, token: int) -> bytes:
-        """A token's exact UTF-8 bytes: a byte-fallback piece is one byte, which alone may be no character."""
-        if token not in self._token_bytes:
-            piece = self.loaded.tokenizer.convert_ids_to_tokens(token)
-            match = BYTE_PIECE.fullmatch(piece or "")
-            self._token_bytes[token] = (bytes([int(match[1], 16)]) if match
-                                        else self.loaded.tokenizer.decode([token]).encode("utf-8"))
-        return self._token_bytes[token]
-
-    def token_text(self, token: int) -> str:
-        """The token as text; bytes that are no whole character read `bytes:\\xNN` (OpenAI's notation), so two
-        byte tokens never share one key of `top_logprobs`."""
-        raw = self.token_bytes(token)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def completion_prompt(self, prompt: str | list[int], param: str) -> tuple[list[int], str]:
         """A /v1/completions prompt's ids and the text `echo` returns for it."""
@@ -649,66 +279,7 @@ def _require_unicode(text: str, param: str) -> None:
                        param) from None
 
 
-def _settings(body: GenerateRequest | OpenAIRequest, max_new_tokens: int,
-              logprobs: int | None = None) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=max_new_tokens, temperature=body.temperature if body.temperature >= GREEDY_BELOW else 0.0,
-        top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty, stop=body.stop or [],
-        seed=body.seed, logprobs=logprobs,
-    )
-
-
-def _usage(result: GenerationResult) -> dict[str, int]:
-    n = len(result.tokens)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
-
-
-def _generate_body(result: GenerationResult, model_id: str) -> dict[str, Any]:
-    return {
-        "text": result.text, "tokens": len(result.tokens), "prompt_tokens": result.prompt_tokens,
-        "finish_reason": result.finish_reason, "timings": result.timings, "model": model_id,
-    }
-
-
-def _openai_finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-class CompletionLogprobs:
-    """The `logprobs` object of one /v1/completions choice, built piece by piece (a stream sends a piece per chunk):
-    `tokens`, `token_logprobs`, `top_logprobs` (the top N and the chosen token) and `text_offset`, where each
-    token starts in the choice's text, counted over whole characters as the bytes add up."""
-
-    def __init__(self, service: Service):
-        self.service = service
-        self.chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.offset = 0
-
-    def piece(self, entries: list[TokenLogprob], first: int | None = None) -> dict[str, list[Any]]:
-        """`first`: the prompt's first token, which has nothing before it to be scored by (null logprobs)."""
-        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        if first is not None:
-            self._add(out, first, None, None)
-        for entry in entries:
-            top: dict[str, float] = {}
-            for token, logprob in [*entry.top, (entry.token, entry.logprob)]:
-                top.setdefault(self.service.token_text(token), logprob)
-            self._add(out, entry.token, entry.logprob, top)
-        return out
-
-    def _add(self, out: dict[str, list[Any]], token: int, logprob: float | None, top: dict | None) -> None:
-        out["tokens"].append(self.service.token_text(token))
-        out["token_logprobs"].append(logprob)
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(self.offset)
-        self.offset += len(self.chars.decode(self.service.token_bytes(token)))
-
-
-def _chat_logprobs(service: Service, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
-    def one(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": service.token_text(token), "logprob": logprob, "bytes": list(service.token_bytes(token))}
-
-    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+# --------------------------------------------------------------------------- /v1/completions' prompts
 
 
 @dataclass
@@ -727,16 +298,24 @@ class CompletionPart:
             self.generation.seq.cancel()
 
 
+async def _scored(scoring: asyncio.Future[list[TokenLogprob]]) -> list[TokenLogprob]:
+    """The echoed prompt's entries; the scheduler thread's failure to score it is the server's error."""
+    try:
+        return await scoring
+    except ScoringError as err:
+        raise ApiError(500, str(err), kind="server_error") from None
+
+
 async def _completion_pieces(service: Service, index: int, part: CompletionPart, body: CompletionRequest
                              ) -> AsyncIterator[tuple[dict[str, Any], GenerationResult | None]]:
     """One choice's pieces, each with the final result once there is one: the echoed prompt, then the text as it
     is generated."""
-    logprobs = CompletionLogprobs(service) if body.logprobs is not None else None
+    logprobs = CompletionLogprobs(service.tokens) if body.logprobs is not None else None
     finish = None if part.generation else "length"
     if body.echo:
         piece = None
         if logprobs is not None:
-            piece = logprobs.piece(await part.scoring, first=part.ids[0])
+            piece = logprobs.piece(await _scored(part.scoring), first=part.ids[0])
         yield {"index": index, "text": part.text, "logprobs": piece, "finish_reason": finish}, None
     elif part.generation is None:
         piece = logprobs.piece([]) if logprobs is not None else None
@@ -744,7 +323,7 @@ async def _completion_pieces(service: Service, index: int, part: CompletionPart,
     if part.generation is None:
         return
     async for event in part.generation.stream():
-        finish = None if event.result is None else _openai_finish(event.result.finish_reason)
+        finish = None if event.result is None else openai_finish(event.result.finish_reason)
         piece = logprobs.piece(event.logprobs) if logprobs is not None else None
         yield {"index": index, "text": event.delta, "logprobs": piece, "finish_reason": finish}, event.result
 
@@ -755,29 +334,22 @@ def _completion_usage(parts: list[CompletionPart], results: dict[int, Generation
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _fold(pieces: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """The choices that a stream's pieces add up to."""
-    choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(count)]
-    for piece in pieces:
-        choice = choices[piece["index"]]
-        choice["text"] += piece["text"]
-        choice["finish_reason"] = piece["finish_reason"] or choice["finish_reason"]
-        if piece["logprobs"] is not None:
-            if choice["logprobs"] is None:
-                choice["logprobs"] = {key: [] for key in piece["logprobs"]}
-            for key, values in piece["logprobs"].items():
-                choice["logprobs"][key] += values
-    return choices
+# --------------------------------------------------------------------------- routes
 
 
 def register_routes(app: FastAPI, service: Service) -> None:
-    model_id = service.settings.model_id
-    created = int(time.time())
+    for route in ROUTES:
+        route(app, service)
 
+
+def _route_health(app: FastAPI, service: Service) -> None:
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "context_length": service.window, **service.scheduler.stats()}
+        return {"status": "ok", "model": service.settings.model_id, "context_length": service.window,
+                **service.scheduler.stats()}
 
+
+def _route_chat_page(app: FastAPI, service: Service) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(
@@ -786,8 +358,11 @@ def register_routes(app: FastAPI, service: Service) -> None:
                                                 "style-src 'unsafe-inline'; connect-src 'self'"},
         )
 
+
+def _route_models(app: FastAPI, service: Service) -> None:
+    model_id = service.settings.model_id
     # context_length and max_tokens_cap (extensions) let a client fit its prompt and max_tokens.
-    card = {"id": model_id, "object": "model", "created": created, "owned_by": "local",
+    card = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "local",
             "context_length": service.window, "max_tokens_cap": service.settings.max_new_tokens_cap}
 
     @app.get("/v1/models", tags=["openai"])
@@ -801,27 +376,31 @@ def register_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(404, f"The model `{model}` does not exist.", "model", code="model_not_found")
         return card
 
+
+def _route_generate(app: FastAPI, service: Service) -> None:
     @app.post("/generate", tags=["generate"])
     async def generate(body: GenerateRequest, request: Request):
         template = service.template(body.template)
         ids = service.encode(body.prompt, template, "prompt")
-        settings = _settings(body, service.budget(body.max_new_tokens, len(ids), "max_new_tokens"))
+        settings = generation_settings(body, service.budget(body.max_new_tokens, len(ids), "max_new_tokens"))
         generation = service.start(ids, settings)
         if not body.stream:
-            return _generate_body(await generation.result(request), model_id)
+            return generate_body(await generation.result(request), service.settings.model_id)
+        return _event_stream(_generate_events(generation, service.settings.model_id))
 
-        async def events() -> AsyncIterator[str]:
-            async for event in _guarded(generation.stream()):
-                if isinstance(event, dict):
-                    yield _sse(event)
-                elif event.result is None:
-                    yield _sse({"delta": event.delta})
-                else:
-                    yield _sse({"delta": event.delta, **_generate_body(event.result, model_id)})
-            yield _sse("[DONE]")
 
-        return _event_stream(events())
+async def _generate_events(generation: Generation, model_id: str) -> AsyncIterator[str]:
+    async for event in _guarded(generation.stream()):
+        if isinstance(event, dict):
+            yield sse(event)
+        elif event.result is None:
+            yield sse({"delta": event.delta})
+        else:
+            yield sse({"delta": event.delta, **generate_body(event.result, model_id)})
+    yield sse("[DONE]")
 
+
+def _route_chat_completions(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         service.check_model(body.model)
@@ -829,112 +408,133 @@ def register_routes(app: FastAPI, service: Service) -> None:
         ids = service.encode(messages, service.template(body.template), "messages")
         requested = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        settings = _settings(body, service.budget(requested, len(ids), "max_tokens"), logprobs=top)
+        settings = generation_settings(body, service.budget(requested, len(ids), "max_tokens"), logprobs=top)
         generation = service.start(ids, settings)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
-
-        def logprobs(entries: list[TokenLogprob]) -> dict[str, Any] | None:
-            return {"content": _chat_logprobs(service, entries), "refusal": None} if body.logprobs else None
-
+        reply = ChatReply(service.tokens, body, {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                                                 "model": service.settings.model_id})
         if not body.stream:
-            result = await generation.result(request)
-            message = {"role": "assistant", "content": result.text}
-            choice = {"index": 0, "message": message, "finish_reason": _openai_finish(result.finish_reason),
-                      "logprobs": logprobs(result.logprobs or [])}
-            return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(result)}
+            return reply.completion(await generation.result(request))
+        return _event_stream(_chat_events(reply, generation))
 
-        def chunk(delta: dict[str, str], finish: str | None,
-                  entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish,
-                      "logprobs": logprobs(entries) if entries else None}
-            return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-        async def events() -> AsyncIterator[str]:
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
-            async for event in _guarded(generation.stream()):
-                if isinstance(event, dict):
-                    yield _sse(event)
-                    break
-                # A piece of text and the tokens sampled for it; tokens that add no text yet wait for the next.
-                if event.delta:
-                    yield _sse(chunk({"content": event.delta}, None, event.logprobs))
-                if event.result is not None:
-                    pending = [] if event.delta else event.logprobs
-                    yield _sse(chunk({}, _openai_finish(event.result.finish_reason), pending))
-                    if body.stream_options and body.stream_options.include_usage:
-                        usage = {**head, "object": "chat.completion.chunk", "choices": [],
-                                 "usage": _usage(event.result)}
-                        yield _sse(usage)
-            yield _sse("[DONE]")
+@dataclass
+class ChatReply:
+    """The shapes of one /v1/chat/completions reply: the whole completion, or its stream's chunks."""
 
-        return _event_stream(events())
+    tokens: TokenText
+    body: ChatCompletionRequest
+    head: dict[str, Any]  # id, created, model: the same in every chunk
 
+    def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        return {"content": chat_logprobs(self.tokens, entries), "refusal": None} if self.body.logprobs else None
+
+    def completion(self, result: GenerationResult) -> dict[str, Any]:
+        message = {"role": "assistant", "content": result.text}
+        choice = {"index": 0, "message": message, "finish_reason": openai_finish(result.finish_reason),
+                  "logprobs": self.logprobs(result.logprobs or [])}
+        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": usage(result)}
+
+    def chunk(self, delta: dict[str, str], finish: str | None,
+              entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "logprobs": self.logprobs(entries) if entries else None}
+        return {**self.head, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+async def _chat_events(reply: ChatReply, generation: Generation) -> AsyncIterator[str]:
+    yield sse(reply.chunk({"role": "assistant", "content": ""}, None))
+    async for event in _guarded(generation.stream()):
+        if isinstance(event, dict):
+            yield sse(event)
+            break
+        # A piece of text and the tokens sampled for it; tokens that add no text yet wait for the next.
+        if event.delta:
+            yield sse(reply.chunk({"content": event.delta}, None, event.logprobs))
+        if event.result is not None:
+            pending = [] if event.delta else event.logprobs
+            yield sse(reply.chunk({}, openai_finish(event.result.finish_reason), pending))
+            if reply.body.stream_options and reply.body.stream_options.include_usage:
+                yield sse({**reply.head, "object": "chat.completion.chunk", "choices": [],
+                           "usage": usage(event.result)})
+    yield sse("[DONE]")
+
+
+def _route_completions(app: FastAPI, service: Service) -> None:
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: Request):
         service.check_model(body.model)
-        parts = start_completion(body)
+        parts = _start_completion(service, body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_id}
+                "model": service.settings.model_id}
         pieces = _merged([_completion_pieces(service, i, part, body) for i, part in enumerate(parts)])
         results: dict[int, GenerationResult] = {}
-
-        def cancel() -> None:
-            for part in parts:
-                part.cancel()
-
         if not body.stream:
-            async def collect() -> list[dict[str, Any]]:
-                collected = []
-                async for piece, result in pieces:
-                    collected.append(piece)
-                    if result is not None:
-                        results[piece["index"]] = result
-                return collected
+            collected = await _unless_hung_up(request, _collect(pieces, results), lambda: _cancel(parts))
+            return {**head, "choices": fold_choices(collected, len(parts)), "usage": _completion_usage(parts, results)}
+        return _event_stream(_completion_events(pieces, parts, results, body, head))
 
-            choices = _fold(await _unless_hung_up(request, collect(), cancel), len(parts))
-            return {**head, "choices": choices, "usage": _completion_usage(parts, results)}
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for item in _guarded(pieces):
-                    if isinstance(item, dict):
-                        yield _sse(item)
-                        break
-                    piece, result = item
-                    if result is not None:
-                        results[piece["index"]] = result
-                    if piece["text"] or piece["finish_reason"] or (piece["logprobs"] or {}).get("tokens"):
-                        yield _sse({**head, "choices": [piece]})
-                else:
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse({**head, "choices": [], "usage": _completion_usage(parts, results)})
-            finally:
-                cancel()
-            yield _sse("[DONE]")
+def _start_completion(service: Service, body: CompletionRequest) -> list[CompletionPart]:
+    """Every prompt is checked before any starts, so a 400 leaves nothing running; a full queue cancels the
+    prompts already started."""
+    one = len(body.prompt) == 1
+    planned = []
+    for i, prompt in enumerate(body.prompt):
+        param = "prompt" if one else f"prompt.{i}"
+        ids, text = service.completion_prompt(prompt, param)
+        planned.append((ids, text, service.budget(body.max_tokens, len(ids), "max_tokens")))
+    parts: list[CompletionPart] = []
+    try:
+        for ids, text, max_new in planned:
+            scoring = service.score(ids, body.logprobs) if body.echo and body.logprobs is not None else None
+            parts.append(CompletionPart(ids, text, scoring, None))
+            if max_new:
+                parts[-1].generation = service.start(ids, generation_settings(body, max_new, logprobs=body.logprobs))
+    except ApiError:
+        _cancel(parts)
+        raise
+    return parts
 
-        return _event_stream(events())
 
-    def start_completion(body: CompletionRequest) -> list[CompletionPart]:
-        """Every prompt is checked before any starts, so a 400 leaves nothing running; a full queue cancels the
-        prompts already started."""
-        one = len(body.prompt) == 1
-        planned = []
-        for i, prompt in enumerate(body.prompt):
-            param = "prompt" if one else f"prompt.{i}"
-            ids, text = service.completion_prompt(prompt, param)
-            planned.append((ids, text, service.budget(body.max_tokens, len(ids), "max_tokens")))
-        parts: list[CompletionPart] = []
-        try:
-            for ids, text, max_new in planned:
-                scoring = service.score(ids, body.logprobs) if body.echo and body.logprobs is not None else None
-                parts.append(CompletionPart(ids, text, scoring, None))
-                if max_new:
-                    parts[-1].generation = service.start(ids, _settings(body, max_new, logprobs=body.logprobs))
-        except ApiError:
-            for part in parts:
-                part.cancel()
-            raise
-        return parts
+def _cancel(parts: list[CompletionPart]) -> None:
+    for part in parts:
+        part.cancel()
+
+
+async def _collect(pieces: AsyncIterator[tuple[dict[str, Any], GenerationResult | None]],
+                   results: dict[int, GenerationResult]) -> list[dict[str, Any]]:
+    """All the pieces of the choices; each choice's final result lands in `results`, by index."""
+    collected = []
+    async for piece, result in pieces:
+        collected.append(piece)
+        if result is not None:
+            results[piece["index"]] = result
+    return collected
+
+
+async def _completion_events(pieces: AsyncIterator[tuple[dict[str, Any], GenerationResult | None]],
+                             parts: list[CompletionPart], results: dict[int, GenerationResult],
+                             body: CompletionRequest, head: dict[str, Any]) -> AsyncIterator[str]:
+    try:
+        async for item in _guarded(pieces):
+            if isinstance(item, dict):
+                yield sse(item)
+                break
+            piece, result = item
+            if result is not None:
+                results[piece["index"]] = result
+            if piece["text"] or piece["finish_reason"] or (piece["logprobs"] or {}).get("tokens"):
+                yield sse({**head, "choices": [piece]})
+        else:
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": _completion_usage(parts, results)})
+    finally:
+        _cancel(parts)
+    yield sse("[DONE]")
+
+
+ROUTES = (_route_health, _route_chat_page, _route_models, _route_generate, _route_chat_completions,
+          _route_completions)
 
 
 async def _guarded(events: AsyncIterator[T]) -> AsyncIterator[T | dict[str, Any]]:

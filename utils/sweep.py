@@ -104,7 +104,8 @@ def open_study(output_dir: Path, preset: ModelPreset, space: dict[str, Any], arg
     storage = f"sqlite:///{(output_dir / 'study.db').resolve()}"
     identity = _identity(preset_name, space, args)
     name = f"pretrain-{preset_name}"
-    existing = [s.study_name for s in optuna.get_all_study_summaries(storage)] if (output_dir / "study.db").exists() else []
+    existing = ([s.study_name for s in optuna.get_all_study_summaries(storage)]
+                if (output_dir / "study.db").exists() else [])
     if existing and name not in existing:
         raise SweepError(f"{output_dir / 'study.db'} holds another study ({', '.join(existing)}), not {name}; "
                          "choose another --output_dir")

@@ -12,6 +12,8 @@ same way.
 from __future__ import annotations
 
 import json
+import re
+import weakref
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -63,10 +65,16 @@ def _without_generation_tags(template: str) -> str:
 TEMPLATES = {name: _without_generation_tags(template) for name, template in TRAINING_TEMPLATES.items()}
 CHATML, INSTRUCT, CHAT = TEMPLATES["chatml"], TEMPLATES["instruct"], TEMPLATES["chat"]
 TEMPLATE_FILE = "template.json"
+# template.json's name for "the tokenizer's own chat_template": a foreign model (one 03_sft started from a Hugging
+# Face checkpoint that brought its own template) keeps it, and its checkpoints ship it as their chat_template.
+NATIVE = "native"
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# tokenizer -> the inference form of its native template, while the training form is set on it (apply_template)
+_NATIVE_INFERENCE: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str] = weakref.WeakKeyDictionary()
 
 
 def get_template(name: str) -> str:
-    """The inference form of template `name` (plain Jinja)."""
+    """The inference form of template `name` (plain Jinja); for `native` use `inference_template`."""
     if name not in TEMPLATES:
         raise ValueError(f"unknown prompt template {name!r}; valid templates: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]
@@ -78,14 +86,91 @@ def training_template(name: str) -> str:
     return TRAINING_TEMPLATES[name]
 
 
-def apply_template(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+def is_project_template(chat_template: object) -> bool:
+    """Whether `chat_template` is one of ours (either form): checkpoints of this pipeline carry one of them."""
+    return chat_template in TEMPLATES.values() or chat_template in TRAINING_TEMPLATES.values()
+
+
+def native_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The tokenizer's own chat template, if it has one that is not ours (a named-variants dict: its default)."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template or is_project_template(template):
+        return None
+    return template
+
+
+def native_training_template(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str, str]:
+    """The training form of a foreign chat template and where its loss goes: `assistant` or `all`.
+
+    A template with `{% generation %}` blocks is its own training form. Otherwise trl's patched training
+    version is used when trl knows the template (Qwen2.5/3, Llama 3, Gemma, Phi-3, ... in trl 1.16). A template
+    trl cannot patch is wrapped in one generation block, so the loss covers every token of the conversation.
+    """
+    if GENERATION_MARKER.search(template):
+        return template, "assistant"
+    from trl.chat_template_utils import get_training_chat_template
+
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:  # trl: "patching is not supported for this template"
+        patched = None
+    except Exception:  # noqa: BLE001 - trl renders probe conversations; a template that fails them is not patched
+        patched = None
+    finally:
+        tokenizer.chat_template = saved
+    if patched:
+        return patched, "assistant"
+    return GENERATION_TAGS[0] + template + GENERATION_TAGS[1], "all"
+
+
+def apply_template(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
     """Makes the training form of `name` the tokenizer's chat template, for the loss masks of 03/04; checkpoints
-    are saved with the inference form instead (utils/tokenizer.py save_tokenizer)."""
-    tokenizer.chat_template = training_template(name)
+    are saved with the inference form instead (utils/tokenizer.py save_tokenizer, via `inference_template`).
+
+    `native` keeps the tokenizer's own (foreign) template and trains with its training form. Returns where the
+    loss goes: `assistant` (the replies only) or `all` (a foreign template that marks no replies)."""
+    if name != NATIVE:
+        tokenizer.chat_template = training_template(name)
+        return "assistant"
+    own = _NATIVE_INFERENCE.get(tokenizer) or native_chat_template(tokenizer)
+    if own is None:
+        raise ValueError("the 'native' template needs a tokenizer with a chat template of its own; it has none")
+    training, loss = native_training_template(tokenizer, own)
+    _NATIVE_INFERENCE[tokenizer] = own
+    tokenizer.chat_template = training
+    return loss
+
+
+def inference_template(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
+    """The chat template a checkpoint trained with template `name` ships (plain Jinja, no generation tags)."""
+    if name != NATIVE:
+        return get_template(name)
+    own = _NATIVE_INFERENCE.get(tokenizer)
+    if own is not None:
+        return own
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise ValueError("the 'native' template needs a tokenizer with a chat template of its own; it has none")
+    start, end = GENERATION_TAGS
+    if template.startswith(start) and template.endswith(end):  # native_training_template's whole-text wrap
+        return template[len(start):-len(end)]
+    return template
+
+
+def chat_template_text(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What to render template `name` with: ours by name, or for `native` the tokenizer's own template."""
+    return inference_template(tokenizer, name) if name == NATIVE else get_template(name)
 
 
 def save_template_name(directory: str | Path, name: str) -> None:
-    get_template(name)
+    if name != NATIVE:
+        get_template(name)
     Path(directory, TEMPLATE_FILE).write_text(json.dumps({"template": name}) + "\n", encoding="utf-8")
 
 

@@ -144,7 +144,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path, ch
     finally:
         tokenizer.chat_template = trained_with
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path, "tokenizer file")
     config.update(add_bos_token=False, add_eos_token=False)
     if chat_template is None:
         config.pop("chat_template", None)

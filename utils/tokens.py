@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.checkpoint import CHECKSUMS
 from utils.cli import SUMMARY
-from utils.files import read_json
+from utils.files import CHECKSUMS, read_json
 
 META = "meta.json"
 TOKENIZER_DIR = "tokenizer"

@@ -1,8 +1,8 @@
 """The parts of a training loop every training stage shares.
 
-AdamW with weight-decay groups (or Muon for the hidden matrices beside it), learning-rate schedules, the deterministic window sampler over memmapped
-tokens, one accelerate optimizer step (accumulation, clipping, non-finite guard), the signals that stop a run
-cleanly, and the `training_state/` files that make a resume exact.
+AdamW with weight-decay groups (or Muon for the hidden matrices beside it), learning-rate schedules, the
+deterministic window sampler over memmapped tokens, one accelerate optimizer step (accumulation, clipping,
+non-finite guard), the signals that stop a run cleanly, and the `training_state/` files that make a resume exact.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 import re
 import shutil
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from utils.checkpoint import atomic_directory, atomic_write_json
 from utils.config import OPTIMIZERS, SCHEDULES
+from utils.files import atomic_directory, atomic_write_json
+from utils.layout import BEST, FINAL, LATEST, STATE_DIR, STEP_PREFIX, TRACKER_DIR, checkpoint_steps
 from utils.metrics import training_flops_per_token
 from utils.model_card import write_model_card
 from utils.tokenizer import save_tokenizer
+
 SAMPLING = ("strided", "random")
-STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_{rank}.pt"
@@ -330,7 +331,7 @@ class WindowSampler:
             for epoch in np.unique(epochs):
                 order = self._starts_block(
                     ("perm", int(epoch), length),
-                    lambda: np.random.default_rng([self.seed, int(epoch), length]).permutation(n),
+                    lambda epoch=epoch: np.random.default_rng([self.seed, int(epoch), length]).permutation(n),
                 )
                 selected = epochs == epoch
                 out[selected] = order[positions[selected]] * length
@@ -341,7 +342,8 @@ class WindowSampler:
         for block in np.unique(blocks):
             values = self._starts_block(
                 ("rand", int(block), length),
-                lambda: np.random.default_rng([self.seed, int(block), length]).integers(0, high, self.BLOCK),
+                lambda block=block: np.random.default_rng([self.seed, int(block), length]).integers(
+                    0, high, self.BLOCK),
             )
             selected = blocks == block
             out[selected] = values[offsets[selected]]
@@ -508,7 +510,7 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     config = model.config
     embedding = model.get_input_embeddings().weight
     total = 0
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter is embedding or parameter.dim() < 2:
             continue
         share = 1.0
@@ -701,8 +703,8 @@ def read_training_state(directory: Path, rank: int) -> tuple[TrainState, dict | 
 
 
 # What a training stage writes into its output dir; --overwrite_output_dir removes these and nothing else.
-OWNED_NAMES = ("final", "best", "latest", "metrics.jsonl", "summary.json", "runs", "wandb")
-OWNED_PREFIXES = ("step_", ".tmp-", ".old-")
+OWNED_NAMES = (FINAL, BEST, LATEST, TRACKER_DIR, "metrics.jsonl", "summary.json", "wandb", "mlruns")
+OWNED_PREFIXES = (STEP_PREFIX, ".tmp-", ".old-")
 
 
 def _is_owned(name: str) -> bool:
@@ -718,7 +720,7 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> bool:
     existing = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
     if not existing or resuming:
         return False
-    has_checkpoint = any(name in ("final", "best", "latest") or name.startswith("step_") for name in existing)
+    has_checkpoint = any(name in (FINAL, BEST, LATEST) or name.startswith(STEP_PREFIX) for name in existing)
     if overwrite or (all(_is_owned(name) for name in existing) and not has_checkpoint):
         return True
     shown = ", ".join(existing[:6]) + (" …" if len(existing) > 6 else "")
@@ -736,13 +738,6 @@ def clear_output_dir(output_dir: Path) -> list[str]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path.name)
     return removed
-
-
-def checkpoint_steps(output_dir: Path) -> Iterator[tuple[int, Path]]:
-    for path in output_dir.glob("step_*"):
-        suffix = path.name.removeprefix("step_")
-        if path.is_dir() and suffix.isdigit():
-            yield int(suffix), path
 
 
 def save_checkpoint(
