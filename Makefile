@@ -47,7 +47,7 @@ LAUNCH = $(if $(ACCELERATE_CONFIG),$(ACCELERATE) launch --config_file $(ACCELERA
 .PHONY: help install install-gpu check-env presets preflight create-sample-datasets prepare \
         pretrain-tiny pretrain-small pretrain-base pretrain-tiny-moe sweep \
         resume-pretrain-tiny resume-pretrain-small resume-pretrain-base resume-pretrain-tiny-moe \
-        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline lint test test-robustness \
+        sft dpo evaluate gates report serve serve-batch serve-api pipeline pipeline-full test-pipeline lint test test-gguf test-robustness \
         bench bench-prepare bench-pretrain bench-serve bench-quality \
         config-rtx4090 monitor backup clean clean-checkpoints checkpoints archive-checkpoint gpu-check docker-build docker-run export-gguf \
         cleanup-checkpoints disk-usage
@@ -152,6 +152,12 @@ lint: ## ruff over the whole tree (rules in pyproject.toml)
 
 test: ## Run the test suite (CPU, offline, micro models)
 	$(PYTHON) -m pytest $(ARGS)
+
+test-gguf: ## Export micro checkpoints to GGUF and check llama-cpp-python's tokens, log-likelihoods and greedy text against transformers (builds llama-cpp-python: ~15 min)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+	    $(VENV)/bin/pip install -r requirements-gguf.txt
+	$(PYTHON) -c "import llama_cpp"
+	$(PYTHON) -m pytest tests/test_interop.py -k "gguf or llama_cpp" -v $(ARGS)
 
 test-robustness: ## Kill -9 loop over a micro pretraining + schemathesis fuzzing of a live server (~5 min; installs schemathesis)
 	$(VENV)/bin/pip install -q -r requirements-robustness.txt

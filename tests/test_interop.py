@@ -301,7 +301,7 @@ def test_export_refuses_what_it_cannot_write_faithfully(chain, micro_checkpoint,
 
 
 def test_llama_cpp_continues_and_scores_like_transformers_at_f16(chain, tmp_path):
-    """Opt-in: needs llama-cpp-python (compiled from source; not in requirements.txt)."""
+    """Opt-in (make test-gguf): needs llama-cpp-python, compiled from source (requirements-gguf.txt)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     merged = chain / "sft" / "micro" / "merged"
     export_gguf(merged, tmp_path / "m.gguf", "f16")
@@ -317,7 +317,7 @@ def test_llama_cpp_continues_and_scores_like_transformers_at_f16(chain, tmp_path
     ids = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=False)
     llm.reset()
     llm.eval(ids)
-    theirs = torch.log_softmax(torch.tensor(np.array(llm.eval_logits)), dim=-1)
+    theirs = torch.log_softmax(torch.tensor(np.array(llm.eval_logits, dtype=np.float32)), dim=-1)
     with torch.no_grad():
         ours = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
     targets = torch.tensor(ids[1:])
