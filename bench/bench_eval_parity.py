@@ -26,19 +26,15 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from utils.checkpoint import load_model, resolve_checkpoint  # noqa: E402
-from utils.eval_data import detokenize_wikitext, load_boolq, load_wikitext  # noqa: E402
-from utils.evaluation import (  # noqa: E402
+from utils.checkpoint import load_model, resolve_checkpoint
+from utils.eval_data import detokenize_wikitext, load_boolq, load_wikitext
+from utils.evaluation import (
     LMScore,
     model_context_length,
     perplexity_metrics,
@@ -46,7 +42,9 @@ from utils.evaluation import (  # noqa: E402
     sliding_window_score,
     text_stats,
 )
-from utils.results import environment_info  # noqa: E402
+from utils.results import environment_info
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = torch.device("cpu")
 

@@ -33,15 +33,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from utils.checkpoint import describe_missing, resolve_checkpoint  # noqa: E402
-from utils.cli import StageSummary, quiet_libraries, run_main  # noqa: E402
-from utils.contamination import BUILTIN_EVALS  # noqa: E402
-from utils.decoding import GenerationSettings  # noqa: E402
-from utils.eval_data import (  # noqa: E402
+from utils.checkpoint import describe_missing, resolve_checkpoint
+from utils.cli import StageSummary, quiet_libraries, run_main
+from utils.contamination import BUILTIN_EVALS
+from utils.decoding import GenerationSettings
+from utils.eval_data import (
     EvalDataError,
     SourceInfo,
     SourceUnavailable,
@@ -57,7 +55,7 @@ from utils.eval_data import (  # noqa: E402
     parse_field_map,
     training_contamination,
 )
-from utils.evaluation import (  # noqa: E402
+from utils.evaluation import (
     EvaluationError,
     check_context_length,
     measure_speed,
@@ -69,15 +67,15 @@ from utils.evaluation import (  # noqa: E402
     smoke_generations,
     text_stats,
 )
-from utils.files import atomic_write_json, atomic_write_text  # noqa: E402
-from utils.layout import STAGES, default_model, stage_and_preset  # noqa: E402
-from utils.lm_eval_backend import HARNESS_TASKS, LM_EVAL_RESULTS_FILE, import_lm_eval, lm_eval_shape  # noqa: E402
-from utils.lm_eval_backend import evaluate as harness_evaluate  # noqa: E402
-from utils.loading import LoadedModel, load_for_inference  # noqa: E402
-from utils.metrics import MetricsLogger  # noqa: E402
-from utils.model import default_device, inference_dtype  # noqa: E402
-from utils.report import results_markdown  # noqa: E402
-from utils.results import (  # noqa: E402
+from utils.files import atomic_write_json, atomic_write_text
+from utils.layout import STAGES, default_model, stage_and_preset
+from utils.lm_eval_backend import HARNESS_TASKS, LM_EVAL_RESULTS_FILE, import_lm_eval, lm_eval_shape
+from utils.lm_eval_backend import evaluate as harness_evaluate
+from utils.loading import LoadedModel, load_for_inference
+from utils.metrics import MetricsLogger
+from utils.model import default_device, inference_dtype
+from utils.report import results_markdown
+from utils.results import (
     RESULTS_FILE,
     StageGates,
     check_gates,
@@ -88,8 +86,8 @@ from utils.results import (  # noqa: E402
     load_gates,
     load_results,
 )
-from utils.tokenizer import load_tokenizer, tokenizer_sha256  # noqa: E402
-from utils.tokens import TOKENIZER_DIR, open_tokens, read_meta  # noqa: E402
+from utils.tokenizer import load_tokenizer, tokenizer_sha256
+from utils.tokens import TOKENIZER_DIR, open_tokens, read_meta
 
 TASKS = ("wikitext", "val", "boolq", "mc", "generate", "speed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
