@@ -5,6 +5,7 @@ resized and trained), and a Hub id that cannot be reached offline."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,13 @@ def test_sft_hub_id_offline_is_one_error(run_stage, tmp_path, monkeypatch):
     assert stderr.startswith("error: --model_path 'no-such-org/no-such-model' is not a local directory")
     assert "HF_HUB_OFFLINE is set" in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_sft_refuses_pickled_weights(qwen_dir, tmp_path, run_stage):
+    """A foreign directory with only pytorch_model.bin is refused before anything is unpickled."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(qwen_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    code, _, stderr = run_stage("03_sft.py", ["--model_path", str(pickled), "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and "missing model.safetensors" in stderr, stderr
+    assert not (tmp_path / "out").exists()

@@ -59,7 +59,8 @@ from utils.trackers import CHOICES as TRACKER_CHOICES
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESIZED_BASE = "base"  # a LoRA run that added tokens: the starting model with its embeddings resized
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # no duplicate .bin weights
+# safetensors only: pickled .bin weights are never fetched or loaded
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 DPO_STOP_METRICS = {"eval_loss": False, "eval_rewards/accuracies": True}  # metric -> greater is better
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")  # trl 1.16's
@@ -301,19 +302,6 @@ def is_adapter(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file()
 
 
-def _describe_hf_model_dir(directory: Path) -> str | None:
-    """Why `directory` is not a Hugging Face causal-LM directory with its tokenizer, or None when it is one."""
-    if not directory.is_dir():
-        return f"{directory} does not exist or is not a directory"
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    missing = [] if (directory / "config.json").is_file() else ["config.json"]
-    if not any((directory / name).is_file() for name in weights):
-        missing.append("the weights (model.safetensors)")
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        missing.append("a tokenizer (tokenizer.json)")
-    return f"{directory} is not a model directory: missing {', '.join(missing)}" if missing else None
-
-
 def download_model(hub_id: str) -> Path:
     """A Hugging Face Hub model's files in the local cache (fetched when online); one error paragraph otherwise."""
     from huggingface_hub import snapshot_download
@@ -335,19 +323,12 @@ def download_model(hub_id: str) -> Path:
 
 def resolve_start(spec: str | Path) -> tuple[Path, str | None]:
     """What 03_sft starts from: a pipeline checkpoint (following `latest`), any local Hugging Face causal-LM
-    directory with its tokenizer, or a Hub model id (`owner/name`, fetched into the cache). Returns the local
-    directory and the Hub id (None for a local path)."""
+    directory with safetensors weights and its tokenizer, or a Hub model id (`owner/name`, fetched into the
+    cache). Returns the local directory and the Hub id (None for a local path)."""
     spec = str(spec)
     if not Path(spec).exists() and HUB_ID.fullmatch(spec):
-        directory, hub_id = download_model(spec), spec
-    else:
-        directory, hub_id = resolve_checkpoint(spec), None
-    if is_adapter(directory) or describe_missing(directory) is None:
-        return resolve_input(directory), hub_id
-    problem = _describe_hf_model_dir(directory)
-    if problem:
-        raise CheckpointError(f"--model_path: {problem}")
-    return directory, hub_id
+        return resolve_input(download_model(spec)), spec
+    return resolve_input(spec), None
 
 
 def prepare_output(stage_dir: Path, resume: bool) -> str | None:
