@@ -23,6 +23,7 @@ from utils.chat_data import (
     load_preference_dataset,
     load_sft_dataset,
     mix_in,
+    repetition_loop,
     split_eval,
     split_hh_pair,
     tokenize_conversation,
@@ -207,6 +208,12 @@ def test_builtin_sets_are_deterministic_and_answer_from_the_docs():
     assert dumps[1]["content"].startswith("Serialize ``obj`` to a JSON formatted ``str``")
     pairs = builtin_preferences(seed=3)
     assert all(p.chosen != p.rejected for p in pairs)
+    # The rejected reply is the chosen one collapsing into a loop of its first words.
+    assert all(p.rejected[0]["content"] == repetition_loop(p.chosen[0]["content"]) for p in pairs)
+    long_reply = " ".join(f"w{i}" for i in range(20))
+    assert repetition_loop(long_reply) == " ".join(([f"w{i}" for i in range(6)] * 4)[:20])
+    assert repetition_loop("Split the extension from a pathname.") == "Split the Split the Split the"
+    assert repetition_loop("Close.") == "Close. Close. Close. Close."
     assert [p.prompt for p in pairs[:50]] == [c[:1] for c in first[:50]]
     assert load_sft_dataset(BUILTIN_SFT, max_samples=10, seed=1)[0] == load_sft_dataset(BUILTIN_SFT, 10, 1)[0]
     assert len(load_preference_dataset(BUILTIN_DPO, max_samples=7)[0]) == 7

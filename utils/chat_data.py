@@ -442,24 +442,29 @@ def builtin_sft(seed: int = 0) -> list[list[Message]]:
     return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for _, q, a in builtin_qa(seed)]
 
 
+def repetition_loop(reply: str) -> str:
+    """`reply` collapsing into a loop of its first words, at its own length in words (two loops at least)."""
+    words = reply.split()
+    head = max(2, min(6, len(words) // 3))
+    length = max(len(words), 2 * head)
+    return " ".join((words[:head] * length)[:length])
+
+
 def builtin_preferences(seed: int = 0) -> list[PreferencePair]:
-    """Chosen = the documentation of the object asked about; rejected = another object's (same kind when possible)."""
-    rows = builtin_qa(seed)
-    rng = random.Random(seed + 1)
-    by_kind: dict[str, list[str]] = {}
-    for kind, _, answer in rows:
-        by_kind.setdefault(kind, []).append(answer)
+    """Chosen = the documentation of the object asked about; rejected = that reply collapsing into a loop of
+    its first words, the failure a small model's greedy decoding falls into. The preference generalises to
+    unseen questions, so DPO's held-out reward accuracy shows whether it learned it. (Rejecting another
+    object's documentation instead asks for knowledge a 6 M model lacks: held-out accuracy stayed at 0.52-0.58
+    on 128 pairs.)"""
     pairs = []
-    for kind, question, answer in rows:
-        pool = by_kind[kind] if len(by_kind[kind]) > 1 else [a for _, _, a in rows]
-        rejected = answer
-        while rejected == answer:
-            rejected = rng.choice(pool)
-        pairs.append(PreferencePair(
-            [{"role": "user", "content": question}],
-            [{"role": "assistant", "content": answer}],
-            [{"role": "assistant", "content": rejected}],
-        ))
+    for _, question, answer in builtin_qa(seed):
+        rejected = repetition_loop(answer)
+        if rejected != answer:
+            pairs.append(PreferencePair(
+                [{"role": "user", "content": question}],
+                [{"role": "assistant", "content": answer}],
+                [{"role": "assistant", "content": rejected}],
+            ))
     return pairs
 
 
