@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark of stage 02's training step: tokens/s and MFU against a minimal plain-PyTorch loop.
 
-CPU (always): the tiny preset's dims in fp32, sequence 256, micro-batch 8, in rounds that alternate the order:
+CPU (always): the tiny preset's dims in fp32, sequence 256, micro-batch 8, in rounds of one step of each loop
+that alternate the order (the loops' steps are neighbours in time, so the machine's drift cancels in the
+per-round ratios, whose median is the headline figure):
 - the stage's step (window sampler, accelerate, fused AdamW with decay groups, clipping, the non-finite
   guard: `utils.training.optimizer_step`) on the preset's transformers model;
 - a plain loop (forward, cross-entropy, backward, clip, torch AdamW) on a copy of the same model;
@@ -36,7 +38,7 @@ from accelerate import Accelerator
 from utils.config import load_preset
 from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token
 from utils.model import build_model, count_parameters, resolve_attention
-from utils.training import WindowSampler, build_optimizers, flops_per_token, optimizer_step
+from utils.training import WindowSampler, build_optimizers, flops_per_token, keep_freed_memory, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,6 +171,7 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
     lean_model = LeanGPT(preset.vocab_size, preset.d_model, preset.n_layer, preset.n_head, seq).train()
     tokens = synthetic_tokens(preset.vocab_size)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
+    keep_freed_memory(accelerator.device)  # as 02_pretrain.py does; it holds for all three loops in this process
     loops = {"stage": StageStep(accelerator, model, tokens, batch, seq, optimizer),
              "reference": reference_step(reference_model, tokens, batch, seq),
              "lean": LeanStep(lean_model, tokens, batch, seq)}
@@ -193,12 +196,23 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
         **{name: {"tokens_per_second": round(achieved[name] / flops[name], 1),
                   "achieved_gflops": round(achieved[name] / 1e9, 2),
                   "mfu": round(mfu(achieved[name] / flops[name], flops[name], device), 4)} for name in loops},
-        "ratio_vs_lean": round(achieved["stage"] / achieved["lean"], 3),
-        "per_round_ratio_vs_lean": [round(r["stage"] / r["lean"], 3) for r in per_round],
-        "ratio_vs_plain_loop": round(achieved["stage"] / achieved["reference"], 3),
-        "per_round_ratio_vs_plain_loop": [round(r["stage"] / r["reference"], 3) for r in per_round],
+        **paired_ratios(per_round, "lean"),
+        **paired_ratios(per_round, "reference", "plain_loop"),
         "peak_rss_mb": round(memory_mb(device), 1),
     }
+
+
+def paired_ratios(per_round: list[dict], other: str, label: str | None = None) -> dict:
+    """The stage's achieved FLOP/s over `other`'s: the median of the per-round ratios (paired in time), with the
+    quartiles of those ratios and the ratio of the two medians beside it."""
+    label = label or other
+    ratios = sorted(r["stage"] / r[other] for r in per_round)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {f"ratio_vs_{label}": round(statistics.median(ratios), 3),
+            f"ratio_vs_{label}_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+            f"ratio_of_medians_vs_{label}": round(statistics.median(r["stage"] for r in per_round)
+                                                 / statistics.median(r[other] for r in per_round), 3),
+            f"per_round_ratio_vs_{label}": [round(r["stage"] / r[other], 3) for r in per_round]}
 
 
 def bench_gpu(steps: int, warmup: int) -> list[dict]:
@@ -239,8 +253,8 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="CPU: alternating rounds of stage and reference")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per loop per round (GPU: in all)")
+    parser.add_argument("--rounds", type=int, default=25, help="CPU: alternating rounds of stage and reference")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per loop per round (GPU: 10 at least)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                         help="CPU: the stage step's optimizer (the lean and plain loops use AdamW)")
@@ -252,8 +266,9 @@ def main() -> None:
         (RESULTS / "pretrain_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         print(f"CPU: stage {result['stage']['achieved_gflops']:.1f} GFLOP/s (MFU {result['stage']['mfu']:.1%}); "
-              f"{result['ratio_vs_lean']:.3f}× the lean GPT ({result['lean']['achieved_gflops']:.1f} GFLOP/s), "
-              f"{result['ratio_vs_plain_loop']:.3f}× the plain loop on the same model")
+              f"{result['ratio_vs_lean']:.3f}× the lean GPT ({result['lean']['achieved_gflops']:.1f} GFLOP/s; "
+              f"quartiles {result['ratio_vs_lean_quartiles']}), {result['ratio_vs_plain_loop']:.3f}× the plain "
+              "loop on the same model (medians of the per-round ratios)")
     if torch.cuda.is_available():
         result = {"machine": machine(), "runs": bench_gpu(max(args.steps, 10), max(args.warmup, 3))}
         (RESULTS / "pretrain_gpu.json").write_text(json.dumps(result, indent=2) + "\n")

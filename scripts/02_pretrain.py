@@ -64,6 +64,7 @@ from utils.training import (
     check_output_dir,
     clear_output_dir,
     evaluation_windows,
+    keep_freed_memory,
 )
 
 
@@ -225,6 +226,7 @@ def main() -> int:
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device).train()
+    keep_freed_memory(accelerator.device)
     if settings.fp8:
         converted = convert_to_fp8_training(model)
         accelerator.print(f"fp8: {converted} linear layers train with float8 matmuls (torchao)")
