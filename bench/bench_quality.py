@@ -57,7 +57,8 @@ RECIPES = {
     "adamw-cosine": Recipe(
         {"d_ff": 688, "qk_norm": False, "zero_init_projections": False, "training": {"optimizer": "adamw"}},
         ["--optimizer", "adamw", "--lr_scheduler", "cosine"], "Llama, d_ff 688, AdamW 2e-3, cosine"),
-    # config/tiny.json as it stands, with the cpu-tiny profile's rate for the AdamW part and decay to zero.
+    # config/tiny.json as it stands, with the cpu-tiny profile's rates (scripts/run_pipeline.py): the AdamW
+    # part at 1.2e-2 and decay to zero. These flags come after CPU_BATCH's, so they win.
     "defaults": Recipe({}, ["--learning_rate", "1.2e-2", "--min_lr_ratio", "0"],
                        "config/tiny.json as committed, make pipeline's flags (AdamW part 1.2e-2, decay to 0)"),
     "adamw-768": Recipe(

@@ -44,7 +44,8 @@ class Profile:
 
 PROFILES = {
     # One 2-core CPU, ~20 minutes in all: the tiny preset's recipe, pretrained for a time budget at CPU-sized
-    # batches (bench/bench_quality.py measures the recipe with these same batch, rate and warm-up flags).
+    # batches. bench/bench_quality.py measures it with these batch and warm-up flags (CPU_BATCH) and these
+    # rates (its "defaults" recipe): change them together.
     "cpu-tiny": Profile(
         preset="tiny",
         pretrain=["--time_budget", "13m", "--batch_size", "8", "--gradient_accumulation_steps", "1",
