@@ -134,7 +134,7 @@ serve-api: ## REST + OpenAI-compatible API and web chat on http://127.0.0.1:8000
 	    --host 127.0.0.1 --port 8000 $(ARGS)
 
 # ---------------------------------------------------------------- whole runs
-pipeline: ## prepare -> pretrain -> sft -> dpo -> evaluate -> gates -> report (tiny, offline; ~15 min on a 2-core CPU; TIME=… sets pretraining)
+pipeline: ## prepare -> pretrain -> sft -> dpo -> evaluate -> gates -> report (tiny, offline; ~18 min on a 2-core CPU; TIME=… sets pretraining)
 	$(PYTHON) scripts/run_pipeline.py --profile cpu-tiny --model $(MODEL) --raw_dataset $(RAW_DATASET) \
 	    --sft_dataset $(SFT_DATASET) --dpo_dataset $(DPO_DATASET) $(if $(TIME),--time_budget $(TIME)) \
 	    $(if $(FORCE),--force) $(ARGS)

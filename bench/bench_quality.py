@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared" / "data"
-# The batch `make pipeline` trains at on a CPU; evaluation and checkpoints only at the end. The warm-up is
-# the cpu-tiny profile's (scripts/run_pipeline.py) for every recipe; its AdamW rate was 2e-3 before Muon.
+# The batch `make pipeline` trains at on a CPU; evaluation and checkpoints only at the end. The warm-up and
+# AdamW rate are the cpu-tiny profile's (scripts/run_pipeline.py) from before Muon; "defaults" sets today's.
 CPU_BATCH = ["--batch_size", "8", "--gradient_accumulation_steps", "1", "--sequence_length", "256",
              "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "50", "--eval_batches", "8",
              "--learning_rate", "2e-3", "--warmup_steps", "50"]
@@ -57,10 +57,11 @@ RECIPES = {
     "adamw-cosine": Recipe(
         {"d_ff": 688, "qk_norm": False, "zero_init_projections": False, "training": {"optimizer": "adamw"}},
         ["--optimizer", "adamw", "--lr_scheduler", "cosine"], "Llama, d_ff 688, AdamW 2e-3, cosine"),
-    # config/tiny.json as it stands, with the cpu-tiny profile's rates (scripts/run_pipeline.py): the AdamW
-    # part at 1.2e-2 and decay to zero. These flags come after CPU_BATCH's, so they win.
-    "defaults": Recipe({}, ["--learning_rate", "1.2e-2", "--min_lr_ratio", "0"],
-                       "config/tiny.json as committed, make pipeline's flags (AdamW part 1.2e-2, decay to 0)"),
+    # config/tiny.json as it stands, with the cpu-tiny profile's rates and warm-up (scripts/run_pipeline.py):
+    # the AdamW part at 1.2e-2, 10 warm-up steps, decay to zero. These flags come after CPU_BATCH's, so they win.
+    "defaults": Recipe({}, ["--learning_rate", "1.2e-2", "--min_lr_ratio", "0", "--warmup_steps", "10"],
+                       "config/tiny.json as committed, make pipeline's flags (AdamW part 1.2e-2, warm-up 10, "
+                       "decay to 0)"),
     "adamw-768": Recipe(
         {"qk_norm": False, "zero_init_projections": False},
         ["--optimizer", "adamw", "--lr_scheduler", "cosine"], "Llama, d_ff 768, AdamW 2e-3, cosine"),

@@ -44,13 +44,13 @@ class Profile:
 
 PROFILES = {
     # One 2-core CPU, ~20 minutes in all: the tiny preset's recipe, pretrained for a time budget at CPU-sized
-    # batches. bench/bench_quality.py measures it with these batch and warm-up flags (CPU_BATCH) and these
-    # rates (its "defaults" recipe): change them together.
+    # batches. bench/bench_quality.py measures it with these batch flags (CPU_BATCH) and these rates and
+    # warm-up (its "defaults" recipe): change them together.
     "cpu-tiny": Profile(
         preset="tiny",
         pretrain=["--time_budget", "13m", "--batch_size", "8", "--gradient_accumulation_steps", "1",
                   "--sequence_length", "256", "--learning_rate", "1.2e-2", "--min_lr_ratio", "0",
-                  "--warmup_steps", "50",
+                  "--warmup_steps", "10",
                   "--eval_steps", "200", "--save_steps", "200", "--logging_steps", "50"],
         sft=["--max_steps", "100", "--batch_size", "8", "--gradient_accumulation_steps", "1",
              "--max_eval_samples", "64"],
