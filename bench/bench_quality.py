@@ -33,14 +33,24 @@ from utils.evaluation import sliding_window_score
 from utils.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from run_pipeline import PROFILES  # noqa: E402  (scripts/ is not a package)
 
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared" / "data"
 # The batch `make pipeline` trains at on a CPU; evaluation and checkpoints only at the end. The warm-up and
 # AdamW rate are the cpu-tiny profile's (scripts/run_pipeline.py) from before Muon; "defaults" sets today's.
+RECIPE_FLAGS = ("--learning_rate", "--min_lr_ratio", "--warmup_steps")
 CPU_BATCH = ["--batch_size", "8", "--gradient_accumulation_steps", "1", "--sequence_length", "256",
              "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "50", "--eval_batches", "8",
              "--learning_rate", "2e-3", "--warmup_steps", "50"]
+
+
+def pipeline_recipe_flags() -> list[str]:
+    """The learning-rate, decay and warm-up flags of make pipeline's pretraining (scripts/run_pipeline.py)."""
+    flags = PROFILES["cpu-tiny"].pretrain
+    pairs = zip(flags[::2], flags[1::2])
+    return [item for name, value in pairs if name in RECIPE_FLAGS for item in (name, value)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +67,9 @@ RECIPES = {
     "adamw-cosine": Recipe(
         {"d_ff": 688, "qk_norm": False, "zero_init_projections": False, "training": {"optimizer": "adamw"}},
         ["--optimizer", "adamw", "--lr_scheduler", "cosine"], "Llama, d_ff 688, AdamW 2e-3, cosine"),
-    # config/tiny.json as it stands, with the cpu-tiny profile's rates and warm-up (scripts/run_pipeline.py):
-    # the AdamW part at 1.2e-2, 10 warm-up steps, decay to zero. These flags come after CPU_BATCH's, so they win.
-    "defaults": Recipe({}, ["--learning_rate", "1.2e-2", "--min_lr_ratio", "0", "--warmup_steps", "10"],
+    # config/tiny.json as it stands, with make pipeline's rates and warm-up (taken from the cpu-tiny profile, so
+    # the two cannot drift apart). These flags come after CPU_BATCH's, so they win.
+    "defaults": Recipe({}, pipeline_recipe_flags(),
                        "config/tiny.json as committed, make pipeline's flags (AdamW part 1.2e-2, warm-up 10, "
                        "decay to 0)"),
     "adamw-768": Recipe(

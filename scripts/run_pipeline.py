@@ -44,8 +44,8 @@ class Profile:
 
 PROFILES = {
     # One 2-core CPU, ~20 minutes in all: the tiny preset's recipe, pretrained for a time budget at CPU-sized
-    # batches. bench/bench_quality.py measures it with these batch flags (CPU_BATCH) and these rates and
-    # warm-up (its "defaults" recipe): change them together.
+    # batches. bench/bench_quality.py measures it at these batch flags (its CPU_BATCH: change them together)
+    # and takes these rates and warm-up for its "defaults" recipe.
     "cpu-tiny": Profile(
         preset="tiny",
         pretrain=["--time_budget", "13m", "--batch_size", "8", "--gradient_accumulation_steps", "1",
