@@ -10,12 +10,14 @@ per-round ratios, whose median is the headline figure):
 - a lean GPT written here in the nanoGPT shape (fused QKV, GELU MLP of 4 × width, LayerNorm, learned
   positions, tied head, its own fused AdamW with decay groups) at the tiny preset's width, depth, heads,
   vocabulary and sequence length.
-All three are scored with one FLOP formula (6 × matmul parameters + attention), so the ratios compare
-achieved FLOP/s, not tokens/s of models of different sizes. With `--optimizer muon` the stage's step uses
-the Muon recipe instead. Writes bench/results/pretrain_cpu.json.
+- the stage's step on a copy of the preset's model compiled as `02_pretrain.py --compile` compiles it
+  (accelerate's regional compilation: one decoder layer compiled, reused by the others).
+All are scored with one FLOP formula (6 × matmul parameters + attention), so the ratios compare achieved
+FLOP/s, not tokens/s of models of different sizes. With `--optimizer muon` the stage's steps use the Muon
+recipe instead. Writes bench/results/pretrain_cpu.json.
 
 GPU (when one is present): tokens/s, MFU and peak memory of the stage's step for the small and base presets
-at their preset micro-batch and sequence length, bf16, with and without torch.compile. Writes
+at their preset micro-batch and sequence length, bf16, with and without --compile's regional compilation. Writes
 bench/results/pretrain_gpu.json.
 """
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import compile_regions
 
 from utils.config import load_preset
 from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token
@@ -166,17 +169,21 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
     preset = load_preset(ROOT / "config" / "tiny.json")
     batch, seq = 8, 256
     model = build_model(preset, attn_implementation="sdpa", seed=0).train()
-    reference_model = copy.deepcopy(model)
+    reference_model, compiled_model = copy.deepcopy(model), compile_regions(copy.deepcopy(model))
     torch.manual_seed(0)
     lean_model = LeanGPT(preset.vocab_size, preset.d_model, preset.n_layer, preset.n_head, seq).train()
     tokens = synthetic_tokens(preset.vocab_size)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     keep_freed_memory(accelerator.device)  # as 02_pretrain.py does; it holds for all three loops in this process
     loops = {"stage": StageStep(accelerator, model, tokens, batch, seq, optimizer),
+             "stage_compiled": StageStep(accelerator, compiled_model, tokens, batch, seq, optimizer),
              "reference": reference_step(reference_model, tokens, batch, seq),
              "lean": LeanStep(lean_model, tokens, batch, seq)}
-    flops = {"stage": flops_per_token(model, seq), "reference": flops_per_token(model, seq),
-             "lean": lean_model.flops_per_token(seq)}
+    flops = {"stage": flops_per_token(model, seq), "stage_compiled": flops_per_token(model, seq),
+             "reference": flops_per_token(model, seq), "lean": lean_model.flops_per_token(seq)}
+    started = time.perf_counter()
+    loops["stage_compiled"]()
+    compile_seconds = time.perf_counter() - started
     for _ in range(warmup):
         for step in loops.values():
             step()
@@ -191,28 +198,29 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
         "config": {"preset": "tiny", "dtype": "fp32", "sequence_length": seq, "micro_batch": batch,
                    "d_ff": preset.d_ff, "optimizer": optimizer, "parameters": count_parameters(model).total,
                    "lean_parameters": sum(p.numel() for p in lean_model.parameters()),
-                   "flops_per_token": flops, "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup},
+                   "flops_per_token": flops, "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup,
+                   "first_compiled_step_seconds": round(compile_seconds, 1)},
         "peak_flops": peak_flops(device),
         **{name: {"tokens_per_second": round(achieved[name] / flops[name], 1),
                   "achieved_gflops": round(achieved[name] / 1e9, 2),
                   "mfu": round(mfu(achieved[name] / flops[name], flops[name], device), 4)} for name in loops},
-        **paired_ratios(per_round, "lean"),
-        **paired_ratios(per_round, "reference", "plain_loop"),
+        **paired_ratios(per_round, "stage", "lean", "ratio_vs_lean"),
+        **paired_ratios(per_round, "stage", "reference", "ratio_vs_plain_loop"),
+        **paired_ratios(per_round, "stage_compiled", "lean", "compiled_ratio_vs_lean"),
         "peak_rss_mb": round(memory_mb(device), 1),
     }
 
 
-def paired_ratios(per_round: list[dict], other: str, label: str | None = None) -> dict:
-    """The stage's achieved FLOP/s over `other`'s: the median of the per-round ratios (paired in time), with the
-    quartiles of those ratios and the ratio of the two medians beside it."""
-    label = label or other
-    ratios = sorted(r["stage"] / r[other] for r in per_round)
+def paired_ratios(per_round: list[dict], loop: str, other: str, key: str) -> dict:
+    """`loop`'s achieved FLOP/s over `other`'s as `key`: the median of the per-round ratios (paired in time),
+    with the quartiles of those ratios and the ratio of the two medians beside it."""
+    ratios = sorted(r[loop] / r[other] for r in per_round)
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return {f"ratio_vs_{label}": round(statistics.median(ratios), 3),
-            f"ratio_vs_{label}_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
-            f"ratio_of_medians_vs_{label}": round(statistics.median(r["stage"] for r in per_round)
-                                                 / statistics.median(r[other] for r in per_round), 3),
-            f"per_round_ratio_vs_{label}": [round(r["stage"] / r[other], 3) for r in per_round]}
+    return {key: round(statistics.median(ratios), 3),
+            f"{key}_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+            key.replace("ratio_vs", "ratio_of_medians_vs"): round(statistics.median(r[loop] for r in per_round)
+                                                                  / statistics.median(r[other] for r in per_round), 3),
+            f"per_round_{key}": [round(r[loop] / r[other], 3) for r in per_round]}
 
 
 def bench_gpu(steps: int, warmup: int) -> list[dict]:
@@ -228,7 +236,7 @@ def bench_gpu(steps: int, warmup: int) -> list[dict]:
             model = build_model(preset, attn_implementation=resolve_attention("auto"), seed=0).to(device).train()
             fpt = flops_per_token(model, seq)
             if compiled:
-                model = torch.compile(model)
+                model = compile_regions(model)  # as 02_pretrain.py --compile does
             stage = StageStep(accelerator, model, synthetic_tokens(preset.vocab_size), batch, seq,
                               preset.training.optimizer)
             for _ in range(warmup):
@@ -269,6 +277,10 @@ def main() -> None:
               f"{result['ratio_vs_lean']:.3f}× the lean GPT ({result['lean']['achieved_gflops']:.1f} GFLOP/s; "
               f"quartiles {result['ratio_vs_lean_quartiles']}), {result['ratio_vs_plain_loop']:.3f}× the plain "
               "loop on the same model (medians of the per-round ratios)")
+        print(f"CPU, --compile: stage {result['stage_compiled']['achieved_gflops']:.1f} GFLOP/s; "
+              f"{result['compiled_ratio_vs_lean']:.3f}× the lean GPT (quartiles "
+              f"{result['compiled_ratio_vs_lean_quartiles']}); first step (compilation) "
+              f"{result['config']['first_compiled_step_seconds']} s")
     if torch.cuda.is_available():
         result = {"machine": machine(), "runs": bench_gpu(max(args.steps, 10), max(args.warmup, 3))}
         (RESULTS / "pretrain_gpu.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -126,7 +126,8 @@ def parse_args() -> argparse.Namespace:
     speed.add_argument("--attn", choices=ATTN_CHOICES, default=None,
                        help="attention kernel; auto (default) = flash_attention_2 when installed and usable, else sdpa")
     speed.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model, one decoder layer compiled "
+                       "and reused by the others (accelerate's regional compilation)")
     speed.add_argument("--fp8", action="store_true",
                        help="float8 matmuls in the linear layers (torchao; a GPU of compute capability 8.9+: "
                             "Ada, Hopper); pair it with --compile, without which the casts cost more than they save")
@@ -234,8 +235,6 @@ def main() -> int:
     optimizers = build_optimizers(model, settings.optimizer, settings.learning_rate, settings.weight_decay,
                                   (settings.adam_beta1, settings.adam_beta2), settings.adam_epsilon,
                                   settings.muon_learning_rate, settings.muon_momentum)
-    if settings.compile:
-        model = torch.compile(model)
     model, *optimizers = accelerator.prepare(model, *optimizers)
     state = restore_state(resume_dir, settings, accelerator, model, optimizers)
     sampler = WindowSampler(data.train, settings.seed, settings.sampling)

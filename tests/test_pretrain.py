@@ -269,6 +269,21 @@ def test_muon_resumes_exactly(micro_config, processed_dir, tmp_path):
     assert deterministic_rows(stopped) == deterministic_rows(straight)
 
 
+def test_compiled_run_trains_like_the_eager_one_and_saves_a_plain_checkpoint(run_a, micro_config, processed_dir,
+                                                                            tmp_path):
+    """--compile on a CPU (accelerate's regional compilation): the eager run's losses up to the fused kernels'
+    rounding, and weights saved under the model's own names (no compiled wrapper's prefix)."""
+    out = tmp_path / "compiled"
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(out),
+                      "--compile", *RUN_A, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled, eager = train_losses(out), train_losses(run_a)
+    assert compiled.keys() == eager.keys()
+    assert all(compiled[step] == pytest.approx(eager[step], rel=1e-4) for step in eager), (compiled, eager)
+    _, loading = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoPlugin
 
 from utils.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpoint
 from utils.config import ModelPreset
@@ -228,9 +228,13 @@ def make_accelerator(settings: PretrainSettings, output_dir: Path) -> Accelerato
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Tracker files under runs/, where 03/04's trainer puts its TensorBoard events too.
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TRACKER_DIR))
+    # --compile: `prepare` compiles one decoder layer and reuses it for the others (regional compilation), in
+    # the order DDP, FSDP and DeepSpeed each need; a cold start compiles in a fraction of the whole model's time.
+    dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if settings.compile else None
     accelerator = Accelerator(
         cpu=cpu_processes, mixed_precision=resolve_precision(settings.mixed_precision), log_with=log_with,
         project_config=project, gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        dynamo_plugin=dynamo,
     )
     if settings.optimizer == "muon":
         check_muon_supported(accelerator)
