@@ -174,6 +174,11 @@ def dry_run(run: Run, sampler: WindowSampler, steps: int = 3) -> None:
     print(f"schedule   {plan.schedule.name}, peak {plan.schedule.peak_lr:g}, warmup {plan.schedule.warmup_steps}, "
           f"min ratio {plan.schedule.min_lr_ratio:g}; sequence lengths {plan.stages}")
     print(f"memory     weights + gradients + optimizer moments (fp32): {state_bytes / 2**20:,.0f} MiB")
+    if run.budget_decision:
+        decision = run.budget_decision
+        print(f"probe      {decision['seconds_per_step']:.3f} s/step, {decision['seconds_per_evaluation']:.3f} s per "
+              f"evaluation, {decision['seconds_per_save']:.2f} s per save, {decision['seconds_before_training']:.0f} s "
+              "of start-up")
     timings = []
     for step in range(steps + 1):
         started = time.perf_counter()

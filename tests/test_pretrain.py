@@ -28,9 +28,9 @@ RUN_A = ["--max_steps", "8", "--save_steps", "4", "--eval_steps", "4", "--eval_b
          "--batch_size", "4"]
 
 
-def pretrain(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def pretrain(*args: str, timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def train_losses(output_dir: Path) -> dict[int, float]:
@@ -315,5 +315,18 @@ def test_dry_run_with_a_time_budget_says_what_fits_and_writes_nothing(micro_conf
                                                         "--dry_run", "--time_budget", "2h"])
     assert code == 0, stderr[-3000:]
     assert "budget 2h →" in stdout and "what fits in --time_budget 2h" in stdout
-    assert "tokens per parameter" in stdout
+    assert "tokens per parameter" in stdout and "s per evaluation" in stdout
     assert not output_dir.exists()
+
+
+def test_compiled_budget_probe_does_not_charge_evaluations_with_their_compilation(micro_config, processed_dir,
+                                                                                  tmp_path):
+    # The first evaluation compiles the no-grad graphs (seconds); timed, it made each of a 10-minute run's
+    # evaluations cost 4.2 s instead of milliseconds, and the budget bought a third of the steps.
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir",
+                      str(tmp_path / "never"), "--dry_run", "--compile", "--time_budget", "10m", "--eval_batches", "2",
+                      timeout=300, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # compiles cold
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = next(line for line in result.stdout.splitlines() if line.startswith("probe"))
+    seconds_per_evaluation = float(probe.split(" s per evaluation")[0].split()[-1])
+    assert seconds_per_evaluation < 1.0, probe
