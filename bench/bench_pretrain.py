@@ -263,7 +263,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=25, help="CPU: alternating rounds of stage and reference")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per loop per round (GPU: 10 at least)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first (a compiled step settles after 3-4)")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                         help="CPU: the stage step's optimizer (the lean and plain loops use AdamW)")
     parser.add_argument("--skip_cpu", action="store_true", help="only the GPU benchmark")
