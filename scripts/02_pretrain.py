@@ -159,7 +159,7 @@ def parse_args() -> argparse.Namespace:
 def dry_run(run: Run, sampler: WindowSampler, steps: int = 3) -> None:
     """Sizes and estimates, from a few real (timed) steps on the real data; writes nothing."""
     settings, plan, accelerator = run.settings, run.plan, run.accelerator
-    counts = count_parameters(accelerator.unwrap_model(run.model))
+    counts = count_parameters(accelerator.unwrap_model(run.model, keep_torch_compile=False))
     state_bytes = counts.total * 4 * 4  # fp32 weights, gradients and at most two moments (AdamW; Muon keeps one)
     train_tokens = len(run.data.train)
     print(f"model      {run.preset.model_name}: {counts.describe()}")
@@ -267,7 +267,7 @@ def main() -> int:
     if accelerator.log_with:
         scalars = {k: v for k, v in dataclasses.asdict(settings).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(f"pretrain-{preset.model_name}", config=scalars)
-    counts = count_parameters(accelerator.unwrap_model(model))
+    counts = count_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
     summary = StageSummary("pretrain", preset=settings.config, data=str(data.path), output_dir=str(output_dir),
                            parameters=counts.total, non_embedding_parameters=counts.non_embedding,
                            device=str(accelerator.device), processes=accelerator.num_processes,
