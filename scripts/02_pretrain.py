@@ -90,6 +90,9 @@ def parse_args() -> argparse.Namespace:
     # Not in the exclusive group: its error must name the accepted forms.
     budget.add_argument("--time_budget", default=None,
                         help=f"wall-clock budget of the whole run ({DURATION_FORMS}); fixes max_steps from timed steps")
+    budget.add_argument("--max_epochs", type=float, default=None,
+                        help="with --time_budget: never more than this many passes over train.bin, however many "
+                             "steps the budget would fit (the run then ends early)")
     batch = parser.add_argument_group("batch and data order")
     batch.add_argument("--batch_size", type=int, default=None, help="sequences per device per micro-step (preset)")
     batch.add_argument("--gradient_accumulation_steps", type=int, default=None, help="micro-steps per update (preset)")

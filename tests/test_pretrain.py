@@ -295,6 +295,7 @@ def test_compiled_ddp_run_trains_like_the_eager_one_and_saves_a_plain_checkpoint
         (["--time_budget", "10m", "--max_steps", "5"], "--time_budget cannot be combined with --max_steps"),
         (["--time_budget", "1s"], "--time_budget 1s is too short"),
         (["--optimizer", "muon", "--config", "config/tiny-moe.json"], "torch.optim.Muon updates 2-D matrices only"),
+        (["--max_epochs", "2"], "--max_epochs caps what --time_budget buys"),
     ],
 )
 def test_bad_budgets_and_optimizers_are_one_line_errors(flags, message, micro_config, processed_dir, tmp_path,
@@ -319,6 +320,16 @@ def test_dry_run_with_a_time_budget_says_what_fits_and_writes_nothing(micro_conf
     assert code == 0, stderr[-3000:]
     assert "budget 2h →" in stdout and "what fits in --time_budget 2h" in stdout
     assert "tokens per parameter" in stdout and "s per evaluation" in stdout
+    assert not output_dir.exists()
+    # A ceiling of 0.01 passes over train.bin: far fewer steps than 2 hours fit, and the line says why.
+    code, stdout, stderr = run_stage("02_pretrain.py", ["--config", str(micro_config), "--data_path",
+                                                        str(processed_dir), "--output_dir", str(output_dir),
+                                                        "--dry_run", "--time_budget", "2h", "--max_epochs", "0.01"])
+    assert code == 0, stderr[-3000:]
+    train_tokens = json.loads((processed_dir / META).read_text())["train_tokens"]
+    steps = int(0.01 * train_tokens / 256)  # the micro preset's 4 × 64 tokens a step
+    assert f"budget 2h → {steps:,} steps of 256 tokens" in stdout
+    assert f"(0.01 epochs of {train_tokens:,} tokens: --max_epochs; the budget fits" in stdout
     assert not output_dir.exists()
 
 

@@ -481,14 +481,21 @@ def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor)
             f"step takes {probe.step:.2f} s plus {probe.evaluation + 2 * probe.save:.1f} s for the final evaluation "
             f"and save; give a longer budget ({DURATION_FORMS}) or --max_steps"
         )
-    settings.max_steps = steps
     tokens_per_step = run.plan.tokens_per_step
-    ends = time.time() + budget - elapsed
-    decision = {"budget": settings.time_budget, "budget_seconds": budget, "steps": steps,
+    fitted, capped = steps, ""
+    if settings.max_epochs is not None:
+        ceiling = max(1, math.floor(settings.max_epochs * len(run.data.train) / tokens_per_step))
+        if ceiling < steps:
+            steps = ceiling
+            capped = (f" ({settings.max_epochs:g} epochs of {len(run.data.train):,} tokens: --max_epochs; the budget "
+                      f"fits {fitted:,})")
+    settings.max_steps = steps
+    ends = time.time() + (budget - elapsed) * steps / fitted
+    decision = {"budget": settings.time_budget, "budget_seconds": budget, "steps": steps, "steps_in_budget": fitted,
                 "seconds_per_step": round(probe.step, 4), "seconds_per_evaluation": round(probe.evaluation, 3),
                 "seconds_per_save": round(probe.save, 3), "seconds_before_training": round(elapsed, 1),
                 "tokens_per_second": round(tokens_per_step / probe.step, 1), "ends_at": time.strftime(
                     "%Y-%m-%dT%H:%M:%S", time.localtime(ends))}
     run.say(f"budget {settings.time_budget} → {steps:,} steps of {tokens_per_step:,} tokens at "
-            f"{tokens_per_step / probe.step:,.0f} tok/s; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
+            f"{tokens_per_step / probe.step:,.0f} tok/s{capped}; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
     return decision

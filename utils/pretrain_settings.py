@@ -55,6 +55,9 @@ class PretrainSettings:
     max_tokens: int | None = _from(BUDGET_KIND)
     num_epochs: float | None = _from(BUDGET_KIND)
     time_budget: str | None = _from(BUDGET_KIND)
+    # A ceiling on what a time budget buys: past a few passes over a small corpus, more steps fit it better and
+    # generalise worse.
+    max_epochs: float | None = _from(PROCESS)
     # Built-in defaults.
     muon_momentum: float = _from(DEFAULT, 0.95)
     min_lr_ratio: float = _from(DEFAULT, 0.1)
@@ -92,7 +95,10 @@ class PretrainSettings:
             parse_duration(self.time_budget)
         positive = ["batch_size", "gradient_accumulation_steps", "sequence_length", "learning_rate", "eval_batches",
                     "muon_learning_rate", "logging_steps"]
-        positive += [n for n in ("max_steps", "max_tokens", "num_epochs") if getattr(self, n) is not None]
+        positive += [n for n in ("max_steps", "max_tokens", "num_epochs", "max_epochs") if getattr(self, n) is not None]
+        if self.max_epochs is not None and self.time_budget is None:
+            raise TrainingError("--max_epochs caps what --time_budget buys; without a time budget give the length "
+                                "itself (--num_epochs, --max_tokens or --max_steps)")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TrainingError(f"--{name} must be positive, got {getattr(self, name)}")
