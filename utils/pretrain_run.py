@@ -62,6 +62,7 @@ from utils.training import (
     save_checkpoint,
     seq_len_at,
     steps_in_budget,
+    steps_in_epochs,
 )
 
 EXIT_DIVERGED = 3
@@ -484,7 +485,7 @@ def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor)
     tokens_per_step = run.plan.tokens_per_step
     fitted, capped = steps, ""
     if settings.max_epochs is not None:
-        ceiling = max(1, math.floor(settings.max_epochs * len(run.data.train) / tokens_per_step))
+        ceiling = steps_in_epochs(settings.max_epochs, len(run.data.train), tokens_per_step)
         if ceiling < steps:
             steps = ceiling
             capped = (f" ({settings.max_epochs:g} epochs of {len(run.data.train):,} tokens: --max_epochs; the budget "

@@ -265,6 +265,11 @@ def steps_in_budget(budget: float, elapsed: float, probe: BudgetProbe, eval_step
     return max(0, math.floor(left / per_step))
 
 
+def steps_in_epochs(epochs: float, train_tokens: int, tokens_per_step: int) -> int:
+    """Whole steps in `epochs` passes over `train_tokens` (at least one): the ceiling of --max_epochs."""
+    return max(1, math.floor(epochs * train_tokens / tokens_per_step))
+
+
 def parse_seq_len_schedule(text: str | None, final_length: int) -> list[tuple[int, float]]:
     """`"256:0.2,512:0.5,1024:1.0"` → [(256, 0.2), (512, 0.5), (1024, 1.0)]: length up to a fraction of the run.
 
