@@ -190,7 +190,7 @@ def dry_run(run: Run, sampler: WindowSampler, steps: int = 3) -> None:
     per_step = sum(timings[1:]) / steps
     tokens_per_second = plan.tokens_per_step / per_step
     utilisation = mfu(tokens_per_second / accelerator.num_processes, plan.flops_per_token[plan.seq_len(0)],
-                      accelerator.device)
+                      accelerator.device, accelerator.mixed_precision)
     print(f"measured   {per_step:.3f} s/step at sequence length {plan.seq_len(0)}, {tokens_per_second:,.0f} tokens/s"
           + (f", MFU {utilisation:.1%}" if utilisation else "")
           + f", peak memory {memory_mb(accelerator.device):,.0f} MiB "
@@ -304,7 +304,8 @@ def main() -> int:
     if accelerator.is_main_process:
         tokens_per_second = speed.total_tokens / speed.total_seconds if speed.total_seconds else 0.0
         utilisation = mfu(tokens_per_second / accelerator.num_processes,
-                          plan.flops_per_token[settings.sequence_length], accelerator.device)
+                          plan.flops_per_token[settings.sequence_length], accelerator.device,
+                          accelerator.mixed_precision)
         summary.add(
             steps=state.step, tokens=state.tokens, stopped_by=stopped_by,
             train_seconds=round(speed.total_seconds, 1), tokens_per_second=round(tokens_per_second, 1),

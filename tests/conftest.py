@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,6 +120,8 @@ def run_stage(capsys):
     def run(script: str, args: list[str]) -> tuple[int | str, str, str]:
         saved = sys.argv
         sys.argv = [script, *args]
+        # A stage starts with no accelerator: another run's choices (e.g. its precision) must not carry over.
+        AcceleratorState._reset_state(reset_partial_state=True)
         try:
             runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
             code: int | str = 0

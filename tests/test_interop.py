@@ -20,6 +20,7 @@ import jinja2
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from presets import micro_preset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +51,7 @@ def run_script(script: str, args: list[str]) -> tuple[int, str]:
     """A stage in this process (what conftest's run_stage does), for module-scoped fixtures."""
     out, saved = io.StringIO(), sys.argv
     sys.argv = [script, *args]
+    AcceleratorState._reset_state(reset_partial_state=True)  # as in a fresh process
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")

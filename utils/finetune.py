@@ -522,6 +522,8 @@ def _common_arguments(
         data_seed=settings.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        # Without it transformers refuses bf16 on a machine with no GPU.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         activation_checkpointing=gradient_checkpointing,
         report_to=report_to or "none",
         run_name=output_dir.parent.name,

@@ -22,19 +22,24 @@ GPU_BF16_PEAK_FLOPS = {
     "RTX 3090": 71e12,
     "L4": 121e12,
 }
-# fp32 matmul peak of the 2-core development CPU, measured with 2 threads (160-170 GFLOP/s);
-# override with CPU_PEAK_FLOPS for another machine.
+# Matmul peaks of the 2-core development CPUs, measured with 2 threads: fp32 160-170 GFLOP/s on the first; bf16
+# 840-940 GFLOP/s on an AMD EPYC with AVX-512 BF16 (fp32 210-215 there). Override with CPU_PEAK_FLOPS and
+# CPU_BF16_PEAK_FLOPS for another machine.
 CPU_FP32_PEAK_FLOPS = 165e9
+CPU_BF16_PEAK_FLOPS = 900e9
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak FLOP/s that MFU is measured against: the GPU's bf16 peak, or the CPU's measured fp32 peak."""
+def peak_flops(device: torch.device, precision: str = "no") -> float | None:
+    """Peak FLOP/s that MFU is measured against: the GPU's bf16 peak, or the CPU's measured peak for the
+    precision it trains in (bf16 autocast, or fp32)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_BF16_PEAK_FLOPS.items():
             if key in name:
                 return flops
         return None
+    if precision == "bf16":
+        return float(os.environ.get("CPU_BF16_PEAK_FLOPS", CPU_BF16_PEAK_FLOPS))
     return float(os.environ.get("CPU_PEAK_FLOPS", CPU_FP32_PEAK_FLOPS))
 
 
@@ -43,8 +48,9 @@ def training_flops_per_token(matmul_params: int, n_layer: int, d_model: int, seq
     return 6 * matmul_params + 6 * n_layer * d_model * seq_len
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, device: torch.device) -> float | None:
-    peak = peak_flops(device)
+def mfu(tokens_per_second: float, flops_per_token: float, device: torch.device,
+        precision: str = "no") -> float | None:
+    peak = peak_flops(device, precision)
     return tokens_per_second * flops_per_token / peak if peak else None
 
 

@@ -331,7 +331,8 @@ def report(run: Run, step: int, result: StepResult, speed: Throughput) -> None:
         "epoch": round(state.tokens / len(run.data.train), 4), "seq_len": length,
         "loss": loss, "perplexity": math.exp(min(loss, 700)), **learning_rates(run.optimizers),
         "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
-        "mfu": mfu(tokens_per_second / accelerator.num_processes, plan.flops_per_token[length], accelerator.device),
+        "mfu": mfu(tokens_per_second / accelerator.num_processes, plan.flops_per_token[length], accelerator.device,
+                   accelerator.mixed_precision),
         "memory_mb": memory_mb(accelerator.device), "skipped_steps": state.bad_steps,
     }
     if result.aux_loss is not None:
