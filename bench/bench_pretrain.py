@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark of stage 02's training step: tokens/s and MFU against a minimal plain-PyTorch loop.
 
-CPU (always): the tiny preset's dims in fp32, sequence 256, micro-batch 8, in rounds of one step of each loop
-that alternate the order (the loops' steps are neighbours in time, so the machine's drift cancels in the
-per-round ratios, whose median is the headline figure):
+CPU (always): the tiny preset's dims in fp32 (`--mixed_precision bf16`: every loop under bf16 autocast),
+sequence 256, micro-batch 8, in rounds of one step of each loop that alternate the order (the loops' steps are
+neighbours in time, so the machine's drift cancels in the per-round ratios, whose median is the headline figure):
 - the stage's step (window sampler, accelerate, fused AdamW with decay groups, clipping, the non-finite
   guard: `utils.training.optimizer_step`) on the preset's transformers model;
 - a plain loop (forward, cross-entropy, backward, clip, torch AdamW) on a copy of the same model;
@@ -11,10 +11,11 @@ per-round ratios, whose median is the headline figure):
   positions, tied head, its own fused AdamW with decay groups) at the tiny preset's width, depth, heads,
   vocabulary and sequence length.
 - the stage's step on a copy of the preset's model compiled as `02_pretrain.py --compile` compiles it
-  (accelerate's regional compilation: one decoder layer compiled, reused by the others).
+  (accelerate's regional compilation: one decoder layer compiled, reused by the others);
+- with `--mixed_precision bf16`, also the lean GPT in fp32, as nanoGPT trains on a CPU.
 All are scored with one FLOP formula (6 × matmul parameters + attention), so the ratios compare achieved
 FLOP/s, not tokens/s of models of different sizes. With `--optimizer muon` the stage's steps use the Muon
-recipe instead. Writes bench/results/pretrain_cpu.json.
+recipe instead. Writes bench/results/pretrain_cpu.json (pretrain_cpu_bf16.json in bf16).
 
 GPU (when one is present): tokens/s, MFU and peak memory of the stage's step for the small and base presets
 at their preset micro-batch and sequence length, bf16, with and without --compile's regional compilation. Writes
@@ -40,7 +41,7 @@ from accelerate.utils import compile_regions
 
 from utils.config import load_preset
 from utils.metrics import memory_mb, mfu, peak_flops, training_flops_per_token
-from utils.model import build_model, count_parameters, resolve_attention
+from utils.model import build_model, count_parameters, cpu_bf16_is_fast, resolve_attention
 from utils.training import WindowSampler, build_optimizers, flops_per_token, keep_freed_memory, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,10 +118,11 @@ class PlainStep:
     """A minimal plain-PyTorch loop: forward, cross-entropy, backward, clip, AdamW step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: np.ndarray, batch: int,
-                 seq: int):
+                 seq: int, bf16: bool = False):
         self.model, self.optimizer = model, optimizer
         self.sampler = WindowSampler(tokens, seed=0)
         self.batch, self.seq, self.cursor = batch, seq, 0
+        self.bf16 = bf16  # forward and loss under bf16 autocast, as nanoGPT's training loop sets it up
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids).logits
@@ -128,8 +130,9 @@ class PlainStep:
     def __call__(self) -> float:
         windows = self.sampler.windows(self.cursor, self.batch, self.seq)
         self.cursor += self.batch
-        logits = self.logits(windows[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.logits(windows[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
         self.optimizer.step()
@@ -137,21 +140,21 @@ class PlainStep:
         return loss.item()
 
 
-def reference_step(model: torch.nn.Module, tokens: np.ndarray, batch: int, seq: int) -> PlainStep:
+def reference_step(model: torch.nn.Module, tokens: np.ndarray, batch: int, seq: int, bf16: bool) -> PlainStep:
     """The plain loop on the stage's own model, with torch AdamW as a tutorial would set it up."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    return PlainStep(model, optimizer, tokens, batch, seq)
+    return PlainStep(model, optimizer, tokens, batch, seq, bf16)
 
 
 class LeanStep(PlainStep):
     """The lean GPT's own loop: its forward, and fused AdamW with decay groups."""
 
-    def __init__(self, model: LeanGPT, tokens: np.ndarray, batch: int, seq: int):
+    def __init__(self, model: LeanGPT, tokens: np.ndarray, batch: int, seq: int, bf16: bool):
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                        {"params": rest, "weight_decay": 0.0}], lr=LEARNING_RATE, fused=True)
-        super().__init__(model, optimizer, tokens, batch, seq)
+        super().__init__(model, optimizer, tokens, batch, seq, bf16)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
@@ -165,23 +168,26 @@ def timed(step, count: int) -> float:
     return (time.perf_counter() - started) / count
 
 
-def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
+def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str, precision: str) -> dict:
     preset = load_preset(ROOT / "config" / "tiny.json")
-    batch, seq = 8, 256
+    batch, seq, bf16 = 8, 256, precision == "bf16"
     model = build_model(preset, attn_implementation="sdpa", seed=0).train()
     reference_model, compiled_model = copy.deepcopy(model), compile_regions(copy.deepcopy(model))
     torch.manual_seed(0)
     lean_model = LeanGPT(preset.vocab_size, preset.d_model, preset.n_layer, preset.n_head, seq).train()
     tokens = synthetic_tokens(preset.vocab_size)
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
-    keep_freed_memory(accelerator.device)  # as 02_pretrain.py does; it holds for all three loops in this process
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    keep_freed_memory(accelerator.device)  # as 02_pretrain.py does; it holds for all the loops in this process
     loops = {"stage": StageStep(accelerator, model, tokens, batch, seq, optimizer),
              "stage_compiled": StageStep(accelerator, compiled_model, tokens, batch, seq, optimizer),
-             "reference": reference_step(reference_model, tokens, batch, seq),
-             "lean": LeanStep(lean_model, tokens, batch, seq)}
+             "reference": reference_step(reference_model, tokens, batch, seq, bf16),
+             "lean": LeanStep(lean_model, tokens, batch, seq, bf16)}
     same_model = flops_per_token(model, seq)
     flops = {"stage": same_model, "stage_compiled": same_model, "reference": same_model,
              "lean": lean_model.flops_per_token(seq)}
+    if bf16:  # nanoGPT trains in fp32 on a CPU: its autocast context is for CUDA only
+        loops["lean_fp32"] = LeanStep(copy.deepcopy(lean_model), tokens, batch, seq, bf16=False)
+        flops["lean_fp32"] = flops["lean"]
     started = time.perf_counter()
     loops["stage_compiled"]()
     compile_seconds = time.perf_counter() - started
@@ -196,18 +202,21 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str) -> dict:
     device = torch.device("cpu")
     achieved = {name: statistics.median(r[name] for r in per_round) for name in loops}
     return {
-        "config": {"preset": "tiny", "dtype": "fp32", "sequence_length": seq, "micro_batch": batch,
+        "config": {"preset": "tiny", "dtype": "bf16 autocast" if bf16 else "fp32", "sequence_length": seq,
+                   "micro_batch": batch,
                    "d_ff": preset.d_ff, "optimizer": optimizer, "parameters": count_parameters(model).total,
                    "lean_parameters": sum(p.numel() for p in lean_model.parameters()),
                    "flops_per_token": flops, "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup,
                    "first_compiled_step_seconds": round(compile_seconds, 1)},
-        "peak_flops": peak_flops(device),
+        "peak_flops": peak_flops(device, precision),
         **{name: {"tokens_per_second": round(achieved[name] / flops[name], 1),
                   "achieved_gflops": round(achieved[name] / 1e9, 2),
-                  "mfu": round(mfu(achieved[name] / flops[name], flops[name], device), 4)} for name in loops},
+                  "mfu": round(mfu(achieved[name] / flops[name], flops[name], device, precision), 4)}
+           for name in loops},
         **paired_ratios(per_round, "stage", "lean", "ratio_vs_lean"),
         **paired_ratios(per_round, "stage", "reference", "ratio_vs_plain_loop"),
         **paired_ratios(per_round, "stage_compiled", "lean", "compiled_ratio_vs_lean"),
+        **(paired_ratios(per_round, "stage", "lean_fp32", "ratio_vs_lean_fp32") if bf16 else {}),
         "peak_rss_mb": round(memory_mb(device), 1),
     }
 
@@ -268,13 +277,24 @@ def main() -> None:
                         help="untimed steps first (a compiled step settles after 3-4)")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                         help="CPU: the stage step's optimizer (the lean and plain loops use AdamW)")
+    parser.add_argument("--mixed_precision", choices=("auto", "no", "bf16"), default="no",
+                        help="CPU: every loop's precision (auto: as 02_pretrain.py resolves it here). bf16 also "
+                             "times the lean GPT in fp32, as nanoGPT trains on a CPU")
     parser.add_argument("--skip_cpu", action="store_true", help="only the GPU benchmark")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.skip_cpu:
-        result = {"machine": machine(), **bench_cpu(args.rounds, args.steps, args.warmup, args.optimizer)}
-        (RESULTS / "pretrain_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        precision = args.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if cpu_bf16_is_fast() else "no"
+        result = {"machine": machine(),
+                  **bench_cpu(args.rounds, args.steps, args.warmup, args.optimizer, precision)}
+        name = "pretrain_cpu_bf16.json" if precision == "bf16" else "pretrain_cpu.json"
+        (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
+        if "ratio_vs_lean_fp32" in result:
+            print(f"CPU, bf16: stage {result['ratio_vs_lean_fp32']:.3f}× the lean GPT in fp32 "
+                  f"(quartiles {result['ratio_vs_lean_fp32_quartiles']})")
         print(f"CPU: stage {result['stage']['achieved_gflops']:.1f} GFLOP/s (MFU {result['stage']['mfu']:.1%}); "
               f"{result['ratio_vs_lean']:.3f}× the lean GPT ({result['lean']['achieved_gflops']:.1f} GFLOP/s; "
               f"quartiles {result['ratio_vs_lean_quartiles']}), {result['ratio_vs_plain_loop']:.3f}× the plain "
