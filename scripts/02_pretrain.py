@@ -216,6 +216,10 @@ def main() -> int:
     settings, changed = resolve_settings(flags, preset, resumed_run["args"] if resumed_run else None)
 
     accelerator = make_accelerator(settings, output_dir)
+    # `--mixed_precision auto` resolves per machine: a resume on another CPU or GPU may train in another one.
+    saved_precision = resumed_run.get("precision") if resumed_run else None
+    if saved_precision not in (None, accelerator.mixed_precision):
+        changed.append(f"precision {saved_precision} → {accelerator.mixed_precision}")
     start_over = not settings.dry_run and check_output_dir(output_dir, resume_dir is not None,
                                                            settings.overwrite_output_dir)
     data = load_data(settings.data_path)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from utils.checkpoint import CheckpointError, verify_checkpoint
+from utils.files import write_checksums
 from utils.metrics import read_metrics
 from utils.tokenizer import load_tokenizer, tokenizer_sha256
 from utils.tokens import META, TOKENIZER_DIR
@@ -251,6 +252,25 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
     code, _, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(stopped), "--time_budget", "30s",
                                                    "--resume_from_checkpoint", str(stopped / "step_10")])
     assert code == 2 and "fixed its step count at the start" in stderr
+
+
+def test_a_resume_in_another_precision_says_it_is_not_exact(run_a, micro_config, processed_dir, tmp_path):
+    # `--mixed_precision auto` resolves per machine, so a checkpoint moved to another host may resume in another
+    # precision; the resume must say so, as it does for any other changed setting.
+    output_dir = tmp_path / "moved"
+    output_dir.mkdir()
+    shutil.copytree(run_a / "step_4", output_dir / "step_4")
+    (output_dir / "latest").write_text("step_4\n")
+    run = json.loads((output_dir / "step_4" / "run.json").read_text())
+    here = run["precision"]
+    run["precision"] = "bf16" if here == "no" else "no"
+    (output_dir / "step_4" / "run.json").write_text(json.dumps(run))
+    write_checksums(output_dir / "step_4")
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir", str(output_dir),
+                      "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"note: changed on resume, so this is not an exact continuation: precision {run['precision']} → {here}"
+            in result.stdout)
 
 
 def test_muon_resumes_exactly(micro_config, processed_dir, tmp_path):

@@ -242,6 +242,7 @@ class Run:
                 "vocab_size": len(self.data.tokenizer),
             },
             "world_size": self.accelerator.num_processes,
+            "precision": self.accelerator.mixed_precision,
             "time_budget": self.budget_decision,
             "git_commit": git_commit(),
             "metrics": self.last,
