@@ -5,7 +5,8 @@ CPU (always): the tiny preset's dims in fp32 (`--mixed_precision bf16`: every lo
 sequence 256, micro-batch 8, in rounds of one step of each loop that alternate the order (the loops' steps are
 neighbours in time, so the machine's drift cancels in the per-round ratios, whose median is the headline figure):
 - the stage's step (window sampler, accelerate, fused AdamW with decay groups, clipping, the non-finite
-  guard: `utils.training.optimizer_step`) on the preset's transformers model;
+  guard: `utils.training.optimizer_step`) on the preset's transformers model, with the attention `--attn auto`
+  picks (SDPA; transformers' eager attention in bf16);
 - a plain loop (forward, cross-entropy, backward, clip, torch AdamW) on a copy of the same model;
 - a lean GPT written here in the nanoGPT shape (fused QKV, GELU MLP of 4 × width, LayerNorm, learned
   positions, tied head, its own fused AdamW with decay groups) at the tiny preset's width, depth, heads,
@@ -171,7 +172,8 @@ def timed(step, count: int) -> float:
 def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str, precision: str) -> dict:
     preset = load_preset(ROOT / "config" / "tiny.json")
     batch, seq, bf16 = 8, 256, precision == "bf16"
-    model = build_model(preset, attn_implementation="sdpa", seed=0).train()
+    attention = resolve_attention("auto", "cpu", precision, seq)  # as 02_pretrain.py picks it
+    model = build_model(preset, attn_implementation=attention, seed=0).train()
     reference_model, compiled_model = copy.deepcopy(model), compile_regions(copy.deepcopy(model))
     torch.manual_seed(0)
     lean_model = LeanGPT(preset.vocab_size, preset.d_model, preset.n_layer, preset.n_head, seq).train()
@@ -202,8 +204,8 @@ def bench_cpu(rounds: int, steps: int, warmup: int, optimizer: str, precision: s
     device = torch.device("cpu")
     achieved = {name: statistics.median(r[name] for r in per_round) for name in loops}
     return {
-        "config": {"preset": "tiny", "dtype": "bf16 autocast" if bf16 else "fp32", "sequence_length": seq,
-                   "micro_batch": batch,
+        "config": {"preset": "tiny", "dtype": "bf16 autocast" if bf16 else "fp32", "attention": attention,
+                   "sequence_length": seq, "micro_batch": batch,
                    "d_ff": preset.d_ff, "optimizer": optimizer, "parameters": count_parameters(model).total,
                    "lean_parameters": sum(p.numel() for p in lean_model.parameters()),
                    "flops_per_token": flops, "rounds": rounds, "steps_per_round": steps, "warmup_steps": warmup,

@@ -225,7 +225,8 @@ def main() -> int:
     data = load_data(settings.data_path)
     if resume_dir:
         check_resume_compatible(resume_dir, resumed_run, preset, data)
-    attn = resolve_attention(settings.attn)
+    attn = resolve_attention(settings.attn, accelerator.device.type, accelerator.mixed_precision,
+                             settings.sequence_length)
     if not resume_dir and preset.vocab_size != len(data.tokenizer):
         accelerator.print(f"note: {settings.config} sets vocab_size {preset.vocab_size:,}; the model takes the "
                           f"{len(data.tokenizer):,} tokens of the data's tokenizer ({data.path / TOKENIZER_DIR})")

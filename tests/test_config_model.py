@@ -137,5 +137,8 @@ def test_auto_precision_and_attention_on_cpu():
         pytest.skip(f"bf16 products are only {speedup:.1f}x faster than fp32 here: too close to call")
     assert resolve_precision("auto") == ("bf16" if speedup >= 2.0 else "no")
     assert resolve_attention("auto") == "sdpa"
+    # Training in bf16 on a CPU, SDPA's fused kernel is the slower one at short sequences (docs/performance.md).
+    assert resolve_attention("auto", "cpu", "bf16", 256) == "eager"
+    assert resolve_attention("auto", "cpu", "bf16", 1024) == resolve_attention("auto", "cpu", "no", 256) == "sdpa"
     with pytest.raises(ValueError, match="flash-attn"):
         resolve_attention("flash_attention_2")
