@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
-import time
+import timeit
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +128,8 @@ def flash_attention_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attention(choice: str, device_type: str = "cuda", precision: str = "no", sequence_length: int = 0) -> str:
+def resolve_attention(choice: str, device_type: str | None = None, precision: str = "no",
+                      sequence_length: int = 0) -> str:
     """`auto` picks flash-attn 2 when installed and usable on this GPU; transformers' eager attention for training
     on a CPU in bf16 at sequences up to CPU_BF16_EAGER_MAX_LENGTH; else PyTorch SDPA."""
     if choice not in ATTN_CHOICES:
@@ -162,17 +162,12 @@ def resolve_precision(choice: str) -> str:
 @functools.cache
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices at least CPU_BF16_MIN_SPEEDUP times faster than fp32 ones. Timed
-    once per process on a product of the tiny preset's size (~1 ms in fp32): no torch API names the CPU's bf16
-    instructions, and what matters is what oneDNN makes of them."""
+    once per process on a product of the tiny preset's size (~1 ms in fp32): torch's checks of the instruction sets
+    are private and x86-only, and what matters is the speed oneDNN gets from them."""
     def best_seconds(dtype: torch.dtype) -> float:
         left, right = torch.randn(256, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
         left @ right  # the first product also picks and prepares the kernel
-        best = math.inf
-        for _ in range(3):
-            started = time.perf_counter()
-            left @ right
-            best = min(best, time.perf_counter() - started)
-        return best
+        return min(timeit.repeat(lambda: left @ right, number=1, repeat=3))
 
     return best_seconds(torch.float32) >= CPU_BF16_MIN_SPEEDUP * best_seconds(torch.bfloat16)
 
