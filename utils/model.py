@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import timeit
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -159,7 +160,9 @@ def resolve_precision(choice: str) -> str:
     return "bf16" if cpu_bf16_is_fast() else "no"
 
 
-@functools.cache
+_cpu_bf16_fast: list[bool] = []  # this process's answer, once timed or taken from the main process
+
+
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices at least CPU_BF16_MIN_SPEEDUP times faster than fp32 ones. Timed
     once per process on a product of the tiny preset's size (~1 ms in fp32): torch's checks of the instruction sets
@@ -169,7 +172,17 @@ def cpu_bf16_is_fast() -> bool:
         left @ right  # the first product also picks and prepares the kernel
         return min(timeit.repeat(lambda: left @ right, number=1, repeat=3))
 
-    return best_seconds(torch.float32) >= CPU_BF16_MIN_SPEEDUP * best_seconds(torch.bfloat16)
+    if not _cpu_bf16_fast:
+        _cpu_bf16_fast.append(best_seconds(torch.float32) >= CPU_BF16_MIN_SPEEDUP * best_seconds(torch.bfloat16))
+    return _cpu_bf16_fast[0]
+
+
+def share_cpu_bf16_answer() -> None:
+    """Several CPU processes of one run take the main process's answer: each timing its own, while the others load
+    the same cores, could pick another precision (and Muon iteration), and the processes would train apart."""
+    answer = [cpu_bf16_is_fast() if PartialState(cpu=True).is_main_process else None]
+    broadcast_object_list(answer)
+    _cpu_bf16_fast[:] = answer
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:

@@ -22,7 +22,7 @@ from utils.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpo
 from utils.config import ModelPreset
 from utils.files import read_json
 from utils.layout import LATEST, TRACKER_DIR, stage_dir
-from utils.model import resolve_precision
+from utils.model import resolve_precision, share_cpu_bf16_answer
 from utils.trackers import check_trackers
 from utils.training import DURATION_FORMS, TrainingError, parse_duration
 
@@ -238,6 +238,8 @@ def make_accelerator(settings: PretrainSettings, output_dir: Path) -> Accelerato
     # the order DDP, FSDP and DeepSpeed each need. A cold tiny-preset start on a CPU: ~13 s, against ~19 s for
     # the whole model.
     dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if settings.compile else None
+    if cpu_processes:
+        share_cpu_bf16_answer()
     accelerator = Accelerator(
         cpu=cpu_processes, mixed_precision=resolve_precision(settings.mixed_precision), log_with=log_with,
         project_config=project, gradient_accumulation_steps=settings.gradient_accumulation_steps,
