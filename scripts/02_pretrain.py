@@ -255,8 +255,8 @@ def main() -> int:
                                      settings.eval_batches * settings.batch_size * accelerator.num_processes)
     run = Run(settings, preset, data, plan, accelerator, model, optimizers, state, output_dir)
     if settings.time_budget and settings.max_steps is None:
-        run.budget_decision = fit_time_budget(run, sampler, val_windows)
-        run.plan = plan = make_plan(settings, len(data.train), accelerator, model)
+        fit_time_budget(run, sampler, val_windows)
+        plan = run.plan
     elif resumed_run:
         run.budget_decision = resumed_run.get("time_budget")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from utils.files import write_checksums
 from utils.metrics import read_metrics
 from utils.tokenizer import load_tokenizer, tokenizer_sha256
 from utils.tokens import META, TOKENIZER_DIR
+from utils.training import BudgetProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/02_pretrain.py"
@@ -252,6 +254,55 @@ def test_time_budget_fixes_the_steps_ends_in_time_and_trains_as_that_many_steps_
     code, _, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(stopped), "--time_budget", "30s",
                                                    "--resume_from_checkpoint", str(stopped / "step_10")])
     assert code == 2 and "fixed its step count at the start" in stderr
+
+
+def test_a_time_budget_is_fitted_again_from_the_runs_own_speed(micro_config, processed_dir, tmp_path, run_stage,
+                                                               monkeypatch):
+    # The probe times the run's first steps, which can be slower than the rest (bf16 on a CPU: by 12-16 % over
+    # ~150 steps), and a run sized by them alone ends early. Here the probe sees steps 3× slower than they are;
+    # the run must fit its count again from its own speed, use its budget, and still train exactly as a
+    # `--max_steps <final count>` run would. (In-process, the budget counts from the test's start.)
+    import utils.pretrain_run as pretrain_run
+
+    budget = 12
+    started = time.time()
+    monkeypatch.setattr(pretrain_run, "seconds_since_start", lambda: time.time() - started)
+    measure = pretrain_run.probe_budget
+
+    def slow_start_probe(*args: object) -> BudgetProbe:
+        probe = measure(*args)
+        return dataclasses.replace(probe, step=3 * probe.step)
+
+    monkeypatch.setattr(pretrain_run, "probe_budget", slow_start_probe)
+    common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--lr_scheduler", "wsd",
+              "--eval_steps", "50", "--save_steps", "50", "--logging_steps", "5", "--eval_batches", "2",
+              "--batch_size", "4", "--save_total_limit", "0"]
+    code, stdout, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(tmp_path / "budget"),
+                                                        "--time_budget", f"{budget}s"])
+    elapsed = time.time() - started
+    assert code == 0, stderr[-3000:]
+    run = json.loads((tmp_path / "budget" / "final" / "run.json").read_text())
+    decision = run["time_budget"]
+    assert 0.7 * budget < elapsed < budget + 2, f"{elapsed:.1f} s for a {budget} s budget"
+    assert f"re-fitted at step {decision['refit_at_step']:,}" in stdout
+    assert decision["steps"] > 1.5 * decision["refit"]["steps_before"] and run["step"] == decision["steps"]
+    monkeypatch.undo()
+    code, _, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(tmp_path / "fixed"),
+                                                   "--max_steps", str(decision["steps"])])
+    assert code == 0, stderr[-3000:]
+    assert deterministic_rows(tmp_path / "budget") == deterministic_rows(tmp_path / "fixed")
+    # A checkpoint written after the re-fit holds the new count, and resumes exactly.
+    after = next(step for step in range(50, decision["steps"], 50) if step > decision["refit_at_step"])
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(tmp_path / "budget" / f"step_{after}", stopped / f"step_{after}")
+    (stopped / "latest").write_text(f"step_{after}\n")
+    shutil.copy(tmp_path / "budget" / "metrics.jsonl", stopped / "metrics.jsonl")
+    code, stdout, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(stopped), "--time_budget",
+                                                        f"{budget}s", "--resume_from_checkpoint", "latest"])
+    assert code == 0, stderr[-3000:]
+    assert "re-fitted" not in stdout
+    assert deterministic_rows(stopped) == deterministic_rows(tmp_path / "budget")
 
 
 def test_a_resume_in_another_precision_says_it_is_not_exact(run_a, micro_config, processed_dir, tmp_path):

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import psutil
@@ -66,6 +67,7 @@ from utils.training import (
 )
 
 EXIT_DIVERGED = 3
+MIN_REFIT_STEPS = 10  # steps timed at the least before the step count is fitted again
 
 
 @dataclass
@@ -211,6 +213,11 @@ class Run:
         self.last: dict[str, Any] = {}
         self.bar = None
         self.budget_decision: dict[str, Any] | None = None
+        self.budget_probe: BudgetProbe | None = None  # set only in the process that fitted the budget
+        # What the run's steps, evaluations and saves took, for fitting the budget again (refit_time_budget).
+        self.step_seconds: list[float] = []
+        self.evaluation_seconds: list[float] = []
+        self.save_seconds: list[float] = []
 
     def say(self, message: str, error: bool = False) -> None:
         if not self.accelerator.is_main_process:
@@ -251,8 +258,10 @@ class Run:
     def save(self, name: str, reason: str, point_latest: bool = True) -> Path:
         """Writes `<output_dir>/<name>/`; then (main process) moves `latest` to it and prunes old step dirs."""
         directory = self.output_dir / name
+        started = time.perf_counter()
         save_checkpoint(self.accelerator, self.model, self.optimizers, self.data.tokenizer, directory, self.state,
                         self.run_info(reason))
+        self.save_seconds.append(time.perf_counter() - started)
         if self.accelerator.is_main_process and point_latest:
             update_latest(self.output_dir, name)
             prune_checkpoints(self.output_dir, self.settings.save_total_limit, {directory})
@@ -357,7 +366,9 @@ def report(run: Run, step: int, result: StepResult, speed: Throughput) -> None:
 def validate(run: Run, val_windows: torch.Tensor) -> dict[str, Any]:
     """Validation loss now; writes best/ when it improves; counts evaluations without improvement."""
     state = run.state
+    started = time.perf_counter()
     loss = evaluate(run.accelerator, run.model, val_windows, run.settings.batch_size)
+    run.evaluation_seconds.append(time.perf_counter() - started)
     improved = state.best_val_loss is None or loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.evals_without_improvement = loss, 0
@@ -376,15 +387,17 @@ def train(run: Run, sampler: WindowSampler, val_windows: torch.Tensor, speed: Th
     """The loop, until the budget, early stopping, a stop signal or too many bad steps.
 
     Returns (exit code, why it ended, the message for an abnormal end)."""
-    settings, plan, state = run.settings, run.plan, run.state
+    settings, state = run.settings, run.state
     guard = BadStepGuard(settings.max_bad_steps, state.bad_steps)
     with StopSignals() as signals:
-        while state.step < plan.total_steps:
+        while state.step < run.plan.total_steps:
             step = state.step
-            log_now = (step + 1) % settings.logging_steps == 0 or step + 1 == plan.total_steps
+            log_now = (step + 1) % settings.logging_steps == 0 or step + 1 == run.plan.total_steps
             started = time.perf_counter()
             result, windows_used, tokens = take_step(run, sampler, step, log_now, lambda: signals.requested)
-            speed.add(tokens, time.perf_counter() - started, result)
+            seconds = time.perf_counter() - started
+            speed.add(tokens, seconds, result)
+            run.step_seconds.append(seconds)
             state.cursor += windows_used
             state.step += 1
             guard.record(result.applied)
@@ -392,6 +405,8 @@ def train(run: Run, sampler: WindowSampler, val_windows: torch.Tensor, speed: Th
             if result.applied:
                 state.tokens += tokens
             run.bar.update(1)
+            if run.budget_probe is not None and state.step == run.budget_decision["refit_at_step"]:
+                refit_time_budget(run)
 
             if not result.applied:
                 run.log({"event": "skipped", "step": state.step, "loss": result.loss, "grad_norm": result.grad_norm,
@@ -413,7 +428,7 @@ def train(run: Run, sampler: WindowSampler, val_windows: torch.Tensor, speed: Th
                 code = signals.exit_code if signals.requested else 128 + signal.SIGTERM
                 return code, "signal", (f"stopped by {signals.name or 'a signal'} after step {state.step}; saved "
                                         f"{directory}. Resume with: {run.settings.resume_command()}")
-            if state.step >= plan.total_steps:
+            if state.step >= run.plan.total_steps:
                 break
             if settings.eval_steps and state.step % settings.eval_steps == 0:
                 row = validate(run, val_windows)
@@ -471,34 +486,95 @@ def probe_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) ->
     return BudgetProbe(*measured)
 
 
-def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) -> dict[str, Any]:
-    """Fixes settings.max_steps from the measured costs; returns the decision as run.json records it."""
+def steps_that_fit(run: Run, probe: BudgetProbe, elapsed: float, steps_done: int = 0) -> tuple[int, int]:
+    """(steps the run takes, steps the budget fits) in all, from `steps_done` on: --max_epochs caps the first."""
     settings = run.settings
-    budget = parse_duration(settings.time_budget)
+    fitted = steps_done + steps_in_budget(parse_duration(settings.time_budget), elapsed, probe, settings.eval_steps,
+                                          settings.save_steps)
+    if settings.max_epochs is None:
+        return fitted, fitted
+    return min(fitted, steps_in_epochs(settings.max_epochs, len(run.data.train), run.plan.tokens_per_step)), fitted
+
+
+def ends_at(run: Run, elapsed: float, steps: int, fitted: int, steps_done: int = 0) -> float:
+    """When the run should end: the budget's end, earlier in proportion when --max_epochs cuts the steps."""
+    left = parse_duration(run.settings.time_budget) - elapsed
+    return time.time() + left * (steps - steps_done) / max(1, fitted - steps_done)
+
+
+def refit_step(plan: Plan) -> int | None:
+    """Where the step count is fitted again from the run's own speed: halfway through the full-rate phase, so that
+    the steps timed skip the slow first ones and a shorter count still decays on time. None where any learning
+    rate or sequence length already taken depends on the count (cosine, linear, a sequence length curriculum)."""
+    start, end = plan.schedule.warmup_steps, plan.schedule.decay_start
+    if len(plan.stages) > 1 or end - start < 2 * MIN_REFIT_STEPS:
+        return None
+    return (start + end) // 2
+
+
+def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) -> None:
+    """Fixes settings.max_steps from the measured costs and lays the plan out over them; the decision, as run.json
+    records it, goes to run.budget_decision."""
+    settings = run.settings
     probe = probe_budget(run, sampler, val_windows)
     elapsed = seconds_since_start()
-    steps = steps_in_budget(budget, elapsed, probe, settings.eval_steps, settings.save_steps)
-    if steps < 1:
+    steps, fitted = steps_that_fit(run, probe, elapsed)
+    if fitted < 1:
         raise TrainingError(
             f"--time_budget {settings.time_budget} is too short: {elapsed:.0f} s went on start-up and timing, and one "
             f"step takes {probe.step:.2f} s plus {probe.evaluation + 2 * probe.save:.1f} s for the final evaluation "
             f"and save; give a longer budget ({DURATION_FORMS}) or --max_steps"
         )
-    tokens_per_step = run.plan.tokens_per_step
-    fitted, capped = steps, ""
-    if settings.max_epochs is not None:
-        ceiling = steps_in_epochs(settings.max_epochs, len(run.data.train), tokens_per_step)
-        if ceiling < steps:
-            steps = ceiling
-            capped = (f" ({settings.max_epochs:g} epochs of {len(run.data.train):,} tokens: --max_epochs; the budget "
-                      f"fits {fitted:,})")
     settings.max_steps = steps
-    ends = time.time() + (budget - elapsed) * steps / fitted
-    decision = {"budget": settings.time_budget, "budget_seconds": budget, "steps": steps, "steps_in_budget": fitted,
-                "seconds_per_step": round(probe.step, 4), "seconds_per_evaluation": round(probe.evaluation, 3),
-                "seconds_per_save": round(probe.save, 3), "seconds_before_training": round(elapsed, 1),
-                "tokens_per_second": round(tokens_per_step / probe.step, 1), "ends_at": time.strftime(
-                    "%Y-%m-%dT%H:%M:%S", time.localtime(ends))}
+    run.plan = make_plan(settings, len(run.data.train), run.accelerator, run.model)
+    run.budget_probe = probe
+    tokens_per_step = run.plan.tokens_per_step
+    ends = ends_at(run, elapsed, steps, fitted)
+    run.budget_decision = {
+        "budget": settings.time_budget, "budget_seconds": parse_duration(settings.time_budget), "steps": steps,
+        "steps_in_budget": fitted, "seconds_per_step": round(probe.step, 4),
+        "seconds_per_evaluation": round(probe.evaluation, 3), "seconds_per_save": round(probe.save, 3),
+        "seconds_before_training": round(elapsed, 1), "tokens_per_second": round(tokens_per_step / probe.step, 1),
+        "refit_at_step": refit_step(run.plan), "ends_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ends))}
+    capped = "" if steps == fitted else (f" ({settings.max_epochs:g} epochs of {len(run.data.train):,} tokens: "
+                                          f"--max_epochs; the budget fits {fitted:,})")
     run.say(f"budget {settings.time_budget} → {steps:,} steps of {tokens_per_step:,} tokens at "
             f"{tokens_per_step / probe.step:,.0f} tok/s{capped}; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
-    return decision
+
+
+def refit_time_budget(run: Run) -> None:
+    """Fits the step count again from what this run's steps (the later half of them: the first run slower, by
+    12-16 % over 150 steps of a bf16 CPU run), evaluations and saves took. Only the steps still to come change:
+    the learning rate has stayed at its peak so far, as a run of the new count would have it."""
+    settings, plan, decision = run.settings, run.plan, run.budget_decision
+    done = run.state.step
+    timed = run.step_seconds[len(run.step_seconds) // 2:]
+    probed = run.budget_probe
+    measured = [fmean(timed), fmean(run.evaluation_seconds) if run.evaluation_seconds else probed.evaluation,
+                fmean(run.save_seconds) if run.save_seconds else probed.save, seconds_since_start()]
+    broadcast_object_list(measured)  # every process must take the same number of steps
+    *costs, elapsed = measured
+    probe = BudgetProbe(*costs)
+    per_step = probe.step
+    steps, fitted = steps_that_fit(run, probe, elapsed, done)
+    # Never so few that the decay would have had to start before now.
+    while LRSchedule(plan.schedule.name, 1.0, plan.schedule.warmup_steps, steps,
+                     decay_fraction=plan.schedule.decay_fraction).decay_start < done:
+        steps += 1
+    before = settings.max_steps
+    settings.max_steps = steps
+    run.plan = make_plan(settings, len(run.data.train), run.accelerator, run.model)
+    run.bar.total = steps
+    run.bar.refresh()
+    ends = ends_at(run, elapsed, steps, fitted, done)
+    tokens_per_second = plan.tokens_per_step / per_step
+    decision.update(steps=steps, steps_in_budget=fitted, ends_at=time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                                                time.localtime(ends)))
+    decision["refit"] = {"steps_before": before, "seconds_per_step": round(per_step, 4),
+                         "seconds_per_evaluation": round(probe.evaluation, 3), "seconds_per_save": round(probe.save, 3),
+                         "tokens_per_second": round(tokens_per_second, 1), "steps_timed": len(timed),
+                         "seconds_elapsed": round(elapsed, 1)}
+    run.budget_probe = None
+    run.say(f"budget {settings.time_budget} re-fitted at step {done:,} from the last {len(timed):,} steps "
+            f"({tokens_per_second:,.0f} tok/s, the probe timed {decision['tokens_per_second']:,.0f}): {before:,} → "
+            f"{steps:,} steps; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")

@@ -213,6 +213,17 @@ class LRSchedule:
         if not 0.0 < self.decay_fraction <= 1.0:
             raise TrainingError(f"--decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
+    @property
+    def decay_start(self) -> int:
+        """The first step below the peak, after warmup: where `wsd` starts decaying, the end for `constant`.
+
+        Until then the learning rate does not depend on `total_steps`, so the step count may still change."""
+        if self.name == "constant":
+            return self.total_steps
+        if self.name == "wsd":
+            return self.total_steps - max(1, round(self.decay_fraction * (self.total_steps - self.warmup_steps)))
+        return self.warmup_steps
+
     def factor(self, step: int) -> float:
         """The learning rate at `step` as a share of the peak; every parameter group scales its own peak by it."""
         return self(step) / self.peak_lr
@@ -224,11 +235,9 @@ class LRSchedule:
         if self.name == "constant":
             return self.peak_lr
         if self.name == "wsd":
-            decay_steps = max(1, round(self.decay_fraction * (self.total_steps - self.warmup_steps)))
-            decay_start = self.total_steps - decay_steps
-            if step < decay_start:
+            if step < self.decay_start:
                 return self.peak_lr
-            progress = min(1.0, (step - decay_start + 1) / decay_steps)
+            progress = min(1.0, (step - self.decay_start + 1) / (self.total_steps - self.decay_start))
             return self.peak_lr + (floor - self.peak_lr) * progress
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps + 1) / span)
