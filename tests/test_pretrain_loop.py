@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from accelerate.state import AcceleratorState
 from presets import micro_preset
 
 from utils.model import build_model
+from utils.pretrain_run import fewest_steps_decaying_after
 from utils.tokens import open_tokens
 from utils.training import (
     BadStepGuard,
@@ -119,6 +121,19 @@ def test_schedules_warm_up_then_reach_their_floor():
     assert lr("constant", 109) == 1.0
     with pytest.raises(TrainingError, match="--lr_scheduler"):
         LRSchedule("step", 1.0, 0, 10)
+
+
+def test_a_refitted_budget_never_takes_back_full_rate_steps():
+    # Half-way through a wsd run of 1,000 steps (decay from step 802) the run finds it has time for 500 in all:
+    # laid out over 500, the decay would have begun at step 402, before now. The count becomes the fewest steps
+    # whose decay starts no earlier than now; a count that decays later is kept as it is.
+    schedule = LRSchedule("wsd", 1.0, warmup_steps=10, total_steps=1000)
+    assert schedule.decay_start == 802
+    steps = fewest_steps_decaying_after(schedule, 450, 500)
+    assert steps == 560 and dataclasses.replace(schedule, total_steps=steps).decay_start == 450
+    assert dataclasses.replace(schedule, total_steps=steps - 1).decay_start < 450
+    assert fewest_steps_decaying_after(schedule, 450, 900) == 900
+    assert fewest_steps_decaying_after(dataclasses.replace(schedule, name="constant"), 450, 300) == 450
 
 
 def test_sequence_length_curriculum():

@@ -503,13 +503,22 @@ def ends_at(run: Run, elapsed: float, steps: int, fitted: int, steps_done: int =
 
 
 def refit_step(plan: Plan) -> int | None:
-    """Where the step count is fitted again from the run's own speed: halfway through the full-rate phase, so that
-    the steps timed skip the slow first ones and a shorter count still decays on time. None where any learning
-    rate or sequence length already taken depends on the count (cosine, linear, a sequence length curriculum)."""
+    """Where the step count is fitted again from the run's own speed: halfway through the full-rate phase, late
+    enough to time a few hundred steps past the first ones, early enough that a count half the first (wsd's
+    default 20 % decay) still starts its decay after it. None where any learning rate or sequence length already
+    taken depends on the count (cosine, linear, a sequence length curriculum)."""
     start, end = plan.schedule.warmup_steps, plan.schedule.decay_start
     if len(plan.stages) > 1 or end - start < 2 * MIN_REFIT_STEPS:
         return None
     return (start + end) // 2
+
+
+def fewest_steps_decaying_after(schedule: LRSchedule, step: int, steps: int) -> int:
+    """`steps`, or more where the schedule laid out over them would have started decaying before `step`: a run that
+    has found itself slower than planned cannot take back the full-rate steps it has taken."""
+    while dataclasses.replace(schedule, total_steps=steps).decay_start < step:
+        steps += 1
+    return steps
 
 
 def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor) -> None:
@@ -543,9 +552,10 @@ def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor)
 
 
 def refit_time_budget(run: Run) -> None:
-    """Fits the step count again from what this run's steps (the later half of them: the first run slower, by
-    12-16 % over 150 steps of a bf16 CPU run), evaluations and saves took. Only the steps still to come change:
-    the learning rate has stayed at its peak so far, as a run of the new count would have it."""
+    """Fits the step count again from what this run's steps (the later half of them), evaluations and saves took:
+    the probe's few steps ran 12-16 % slower than the rest in one bf16 CPU session and 4-6 % faster in another,
+    and its one save costs several times a later one. Only the steps still to come change: the learning rate has
+    stayed at its peak so far, as a run of the new count would have it."""
     settings, plan, decision = run.settings, run.plan, run.budget_decision
     done = run.state.step
     timed = run.step_seconds[len(run.step_seconds) // 2:]
@@ -557,10 +567,7 @@ def refit_time_budget(run: Run) -> None:
     probe = BudgetProbe(*costs)
     per_step = probe.step
     steps, fitted = steps_that_fit(run, probe, elapsed, done)
-    # Never so few that the decay would have had to start before now.
-    while LRSchedule(plan.schedule.name, 1.0, plan.schedule.warmup_steps, steps,
-                     decay_fraction=plan.schedule.decay_fraction).decay_start < done:
-        steps += 1
+    steps = fewest_steps_decaying_after(plan.schedule, done, steps)
     before = settings.max_steps
     settings.max_steps = steps
     run.plan = make_plan(settings, len(run.data.train), run.accelerator, run.model)
