@@ -240,6 +240,14 @@ def make_accelerator(settings: PretrainSettings, output_dir: Path) -> Accelerato
     dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if settings.compile else None
     if cpu_processes:
         share_cpu_bf16_answer()
+        if settings.compile:
+            # Every rank would start its own pool of compile workers on cores the ranks already fill, and at
+            # exit inductor waits up to 300 s for a pool to stop. Two of ~12 compiled two-process test runs hung
+            # for the test's 300 s, most likely there; PyTorch's distributed inductor tests compile in-process
+            # against the same hangs at exit.
+            from torch._inductor import config as inductor_config
+
+            inductor_config.compile_threads = 1
     accelerator = Accelerator(
         cpu=cpu_processes, mixed_precision=resolve_precision(settings.mixed_precision), log_with=log_with,
         project_config=project, gradient_accumulation_steps=settings.gradient_accumulation_steps,
