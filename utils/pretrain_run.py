@@ -214,7 +214,7 @@ class Run:
         self.bar = None
         self.budget_decision: dict[str, Any] | None = None
         self.budget_probe: BudgetProbe | None = None  # set only in the process that fitted the budget
-        # What the run's steps, evaluations and saves took, for fitting the budget again (refit_time_budget).
+        # What the run's steps (until the budget is fitted again), evaluations and saves took: refit_time_budget.
         self.step_seconds: list[float] = []
         self.evaluation_seconds: list[float] = []
         self.save_seconds: list[float] = []
@@ -397,7 +397,8 @@ def train(run: Run, sampler: WindowSampler, val_windows: torch.Tensor, speed: Th
             result, windows_used, tokens = take_step(run, sampler, step, log_now, lambda: signals.requested)
             seconds = time.perf_counter() - started
             speed.add(tokens, seconds, result)
-            run.step_seconds.append(seconds)
+            if run.budget_probe is not None:
+                run.step_seconds.append(seconds)
             state.cursor += windows_used
             state.step += 1
             guard.record(result.applied)
@@ -565,7 +566,6 @@ def refit_time_budget(run: Run) -> None:
     broadcast_object_list(measured)  # every process must take the same number of steps
     *costs, elapsed = measured
     probe = BudgetProbe(*costs)
-    per_step = probe.step
     steps, fitted = steps_that_fit(run, probe, elapsed, done)
     steps = fewest_steps_decaying_after(plan.schedule, done, steps)
     before = settings.max_steps
@@ -574,10 +574,10 @@ def refit_time_budget(run: Run) -> None:
     run.bar.total = steps
     run.bar.refresh()
     ends = ends_at(run, elapsed, steps, fitted, done)
-    tokens_per_second = plan.tokens_per_step / per_step
+    tokens_per_second = plan.tokens_per_step / probe.step
     decision.update(steps=steps, steps_in_budget=fitted, ends_at=time.strftime("%Y-%m-%dT%H:%M:%S",
                                                                                 time.localtime(ends)))
-    decision["refit"] = {"steps_before": before, "seconds_per_step": round(per_step, 4),
+    decision["refit"] = {"steps_before": before, "seconds_per_step": round(probe.step, 4),
                          "seconds_per_evaluation": round(probe.evaluation, 3), "seconds_per_save": round(probe.save, 3),
                          "tokens_per_second": round(tokens_per_second, 1), "steps_timed": len(timed),
                          "seconds_elapsed": round(elapsed, 1)}
