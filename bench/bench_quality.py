@@ -5,8 +5,9 @@ Every recipe pretrains the tiny preset for the same `--minutes` with `02_pretrai
 CPU batch of `make pipeline` (8 × 256), on one training corpus: the built-in corpus plus, when
 ../shared/data is present, WikiText-2 (test and valid) and the TinyStories head. A held-out part of each
 corpus (never trained on; for WikiText-2, a sixth of valid's articles) is scored with rolling windows: bits
-per byte = total NLL / ln 2 / UTF-8 bytes, which does not depend on the tokenizer. Runs go in rounds (recipe order reversed every other round), so machine drift shows
-as spread between repeats. Writes bench/results/quality.json and prints a table.
+per byte = total NLL / ln 2 / UTF-8 bytes, which does not depend on the tokenizer. Runs go in rounds (recipe
+order reversed every other round), so machine drift shows as spread between repeats. Writes
+bench/results/quality.json and prints a table.
 """
 
 from __future__ import annotations
