@@ -173,6 +173,10 @@ def preset_file(work: Path, name: str, recipe: Recipe) -> Path:
     return path
 
 
+def utf8_bytes(documents: list[str]) -> int:
+    return sum(len(d.encode("utf-8")) for d in documents)
+
+
 @torch.no_grad()
 def bits_per_byte(checkpoint: Path, documents: list[str]) -> float:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -180,7 +184,7 @@ def bits_per_byte(checkpoint: Path, documents: list[str]) -> float:
     ids = [tokenizer.encode(d, add_special_tokens=False) for d in documents]
     score = sliding_window_score(model, ids, tokenizer.eos_token_id, 256, 128, 16, torch.device("cpu"),
                                  desc="held-out")
-    return score.nll / (math.log(2) * sum(len(d.encode("utf-8")) for d in documents))
+    return score.nll / (math.log(2) * utf8_bytes(documents))
 
 
 def train_and_score(work: Path, data: Path, name: str, recipe: Recipe, minutes: float, repeat: int,
@@ -250,9 +254,9 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "config": {"minutes": args.minutes, "repeats": args.repeats, "batch": CPU_BATCH,
-                   "training_bytes": {c: sum(len(d.encode("utf-8")) for d in t) for c, (t, _) in sets.items()},
+                   "training_bytes": {c: utf8_bytes(t) for c, (t, _) in sets.items()},
                    "held_out_documents": {c: len(h) for c, (_, h) in sets.items()},
-                   "held_out_bytes": {c: sum(len(d.encode("utf-8")) for d in h) for c, (_, h) in sets.items()}},
+                   "held_out_bytes": {c: utf8_bytes(h) for c, (_, h) in sets.items()}},
         "summary": summary, "runs": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
