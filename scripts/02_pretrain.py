@@ -125,9 +125,11 @@ def parse_args() -> argparse.Namespace:
     opt.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping norm, 0 = off (1.0)")
     speed = parser.add_argument_group("precision and speed")
     speed.add_argument("--mixed_precision", choices=PRECISION_CHOICES, default=None,
-                       help="auto (default) = bf16 on a GPU that supports it, fp32 on CPU")
+                       help="auto (default) = bf16 on a GPU that supports it (fp16 on older ones); "
+                            "on a CPU, bf16 where its bf16 matrix products are fast (AVX-512 BF16, AMX), else fp32")
     speed.add_argument("--attn", choices=ATTN_CHOICES, default=None,
-                       help="attention kernel; auto (default) = flash_attention_2 when installed and usable, else sdpa")
+                       help="attention kernel; auto (default) = flash_attention_2 when installed and usable; "
+                            "transformers' eager attention on a CPU in bf16 at sequences up to 512; else sdpa")
     speed.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model, one decoder layer compiled "
                        "and reused by the others (accelerate's regional compilation)")

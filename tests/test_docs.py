@@ -233,3 +233,12 @@ def test_no_outside_design_document():
     """The design contracts live in docs/design.md, not in a document beside the repository."""
     offenders = [str(p.relative_to(ROOT)) for p in doc_files() if "shared/DESIGN.md" in read(p)]
     assert not offenders, f"these point to ../shared/DESIGN.md instead of docs/design.md: {offenders}"
+
+
+@pytest.mark.parametrize("script", ["02_pretrain.py", "03_sft.py", "04_dpo.py"])
+def test_precision_help_states_the_cpu_rule(script):
+    """`--mixed_precision auto` trains a CPU with fast bf16 products in bf16 (utils.model.resolve_precision); the
+    help once said every CPU trains in fp32."""
+    action = next(a for a in script_parser(script)._actions if "--mixed_precision" in a.option_strings)
+    assert "fp32 on CPU" not in action.help
+    assert "on a CPU, bf16 where" in action.help

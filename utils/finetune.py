@@ -239,7 +239,8 @@ def add_training_flags(parser: argparse.ArgumentParser, config: Callable[[str], 
     add("--max_samples", type=int, help="use at most N examples of the dataset (sampled with --seed)")
     add("--resume", action="store_true", help=f"continue from the last checkpoint in <output_dir>/{STATE_DIR}/")
     add("--mixed_precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
-        help="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+        help="auto = bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, bf16 where its bf16 matrix "
+             "products are fast (AVX-512 BF16, AMX), else fp32")
     add("--attn", default="auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
         help="attention implementation; auto = flash-attn 2 when installed on a recent GPU, else SDPA")
     add("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
