@@ -214,7 +214,7 @@ class Run:
         self.bar = None
         self.budget_decision: dict[str, Any] | None = None
         self.budget_probe: BudgetProbe | None = None  # set only in the process that fitted the budget
-        # What the run's steps (until the budget is fitted again), evaluations and saves took: refit_time_budget.
+        # What the run's steps (since the budget was last fitted), evaluations and saves took: refit_time_budget.
         self.step_seconds: list[float] = []
         self.evaluation_seconds: list[float] = []
         self.save_seconds: list[float] = []
@@ -504,7 +504,7 @@ def ends_at(run: Run, elapsed: float, steps: int, fitted: int, steps_done: int =
 
 
 def refit_step(plan: Plan) -> int | None:
-    """Where the step count is fitted again from the run's own speed: halfway through the full-rate phase, late
+    """Where the step count is first fitted again from the run's own speed: halfway through the full-rate phase, late
     enough to time a few hundred steps past the first ones, early enough that a count half the first (wsd's
     default 20 % decay) still starts its decay after it. None where any learning rate or sequence length already
     taken depends on the count (cosine, linear, a sequence length curriculum)."""
@@ -553,10 +553,14 @@ def fit_time_budget(run: Run, sampler: WindowSampler, val_windows: torch.Tensor)
 
 
 def refit_time_budget(run: Run) -> None:
-    """Fits the step count again from what this run's steps (the later half of them), evaluations and saves took:
-    the probe's few steps ran 12-16 % slower than the rest in one bf16 CPU session and 4-6 % faster in another,
-    and its one save costs several times a later one. Only the steps still to come change: the learning rate has
-    stayed at its peak so far, as a run of the new count would have it."""
+    """Fits the step count again from what this run's steps since the last fit (the later half of them),
+    evaluations and saves took: the probe's few steps ran 12-16 % slower than the rest in one bf16 CPU session and
+    4-6 % faster in another, and its one save costs several times a later one. Only the steps still to come change:
+    the learning rate has stayed at its peak so far, as a run of the new count would have it.
+
+    The first fit, halfway through the full-rate phase, sets when the decay begins; the run fits once more there,
+    from the steps since: a spell of slow steps before the first fit (the CPU's speed drifts for minutes at a time)
+    ended a ten-minute run 111 s early."""
     settings, plan, decision = run.settings, run.plan, run.budget_decision
     done = run.state.step
     timed = run.step_seconds[len(run.step_seconds) // 2:]
@@ -577,11 +581,17 @@ def refit_time_budget(run: Run) -> None:
     tokens_per_second = plan.tokens_per_step / probe.step
     decision.update(steps=steps, steps_in_budget=fitted, ends_at=time.strftime("%Y-%m-%dT%H:%M:%S",
                                                                                 time.localtime(ends)))
-    decision["refit"] = {"steps_before": before, "seconds_per_step": round(probe.step, 4),
-                         "seconds_per_evaluation": round(probe.evaluation, 3), "seconds_per_save": round(probe.save, 3),
-                         "tokens_per_second": round(tokens_per_second, 1), "steps_timed": len(timed),
-                         "seconds_elapsed": round(elapsed, 1)}
-    run.budget_probe = None
+    refits = decision.setdefault("refits", [])
+    refits.append({"at_step": done, "steps_before": before, "seconds_per_step": round(probe.step, 4),
+                   "seconds_per_evaluation": round(probe.evaluation, 3), "seconds_per_save": round(probe.save, 3),
+                   "tokens_per_second": round(tokens_per_second, 1), "steps_timed": len(timed),
+                   "seconds_elapsed": round(elapsed, 1)})
+    decay_start = run.plan.schedule.decay_start
+    again = len(refits) == 1 and decay_start - done >= 2 * MIN_REFIT_STEPS
+    decision["refit_at_step"] = decay_start if again else None
+    run.step_seconds.clear()
+    if not again:
+        run.budget_probe = None
     run.say(f"budget {settings.time_budget} re-fitted at step {done:,} from the last {len(timed):,} steps "
             f"({tokens_per_second:,.0f} tok/s, the probe timed {decision['tokens_per_second']:,.0f}): {before:,} → "
             f"{steps:,} steps; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
