@@ -35,7 +35,7 @@ from utils.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from run_pipeline import PROFILES  # noqa: E402  (scripts/ is not a package)
+from run_pipeline import PROFILES, compile_flags  # noqa: E402  (scripts/ is not a package)
 
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared" / "data"
@@ -48,10 +48,14 @@ CPU_BATCH = ["--batch_size", "8", "--gradient_accumulation_steps", "1", "--seque
 
 
 def pipeline_recipe_flags() -> list[str]:
-    """The learning-rate, decay and warm-up flags of make pipeline's pretraining (scripts/run_pipeline.py)."""
-    flags = PROFILES["cpu-tiny"].pretrain
-    pairs = zip(flags[::2], flags[1::2])
-    return [item for name, value in pairs if name in RECIPE_FLAGS for item in (name, value)]
+    """The learning-rate, decay and warm-up flags of make pipeline's pretraining (scripts/run_pipeline.py), and
+    its --compile where this machine has what compilation needs."""
+    profile = PROFILES["cpu-tiny"]
+    pairs = zip(profile.pretrain[::2], profile.pretrain[1::2])
+    return [item for name, value in pairs if name in RECIPE_FLAGS for item in (name, value)] + compile_flags(profile)
+
+
+PIPELINE_FLAGS = pipeline_recipe_flags()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +74,9 @@ RECIPES = {
         ["--optimizer", "adamw", "--lr_scheduler", "cosine"], "Llama, d_ff 688, AdamW 2e-3, cosine"),
     # config/tiny.json as it stands, with make pipeline's rates and warm-up (taken from the cpu-tiny profile, so
     # the two cannot drift apart). These flags come after CPU_BATCH's, so they win.
-    "defaults": Recipe({}, pipeline_recipe_flags(),
+    "defaults": Recipe({}, PIPELINE_FLAGS,
                        "config/tiny.json as committed, make pipeline's flags (AdamW part 1.2e-2, warm-up 10, "
-                       "decay to 0)"),
+                       "decay to 0, --compile where a C++ compiler is found)"),
     "adamw-768": Recipe(
         {"qk_norm": False, "zero_init_projections": False},
         ["--optimizer", "adamw", "--lr_scheduler", "cosine"], "Llama, d_ff 768, AdamW 2e-3, cosine"),
@@ -96,15 +100,15 @@ RECIPES = {
         {"qk_norm": False, "zero_init_projections": False},
         ["--optimizer", "muon", "--lr_scheduler", "wsd", "--batch_size", "16"],
         "Llama, d_ff 768, Muon, WSD, 16 × 256 tokens per step"),
-    "defaults-decay40": Recipe({}, [*pipeline_recipe_flags(), "--decay_fraction", "0.4"],
+    "defaults-decay40": Recipe({}, [*PIPELINE_FLAGS, "--decay_fraction", "0.4"],
                                "defaults, decaying over the last 40 %"),
-    "defaults-batch16": Recipe({}, [*pipeline_recipe_flags(), "--batch_size", "16"],
+    "defaults-batch16": Recipe({}, [*PIPELINE_FLAGS, "--batch_size", "16"],
                                "defaults at 16 × 256 tokens per step"),
-    "defaults-lower-lr": Recipe({}, [*pipeline_recipe_flags(), "--muon_learning_rate", "0.015", "--learning_rate",
+    "defaults-lower-lr": Recipe({}, [*PIPELINE_FLAGS, "--muon_learning_rate", "0.015", "--learning_rate",
                                      "8e-3"], "defaults at 3/4 of both learning rates"),
-    "defaults-higher-lr": Recipe({}, [*pipeline_recipe_flags(), "--muon_learning_rate", "0.03", "--learning_rate",
+    "defaults-higher-lr": Recipe({}, [*PIPELINE_FLAGS, "--muon_learning_rate", "0.03", "--learning_rate",
                                       "1.6e-2"], "defaults at 1.5× Muon's and 4/3 AdamW's learning rate"),
-    "defaults-wd02": Recipe({}, [*pipeline_recipe_flags(), "--weight_decay", "0.2"],
+    "defaults-wd02": Recipe({}, [*PIPELINE_FLAGS, "--weight_decay", "0.2"],
                             "defaults with weight decay 0.2 on the matrices"),
     "muon-wsd-untied": Recipe(
         {"tie_word_embeddings": False}, ["--optimizer", "muon", "--lr_scheduler", "wsd"],

@@ -40,6 +40,8 @@ class Profile:
     dpo: list[str]
     evaluate: list[str] = field(default_factory=list)
     prepare: list[str] = field(default_factory=list)
+    # Pretrain with --compile when training on a CPU that has the C++ compiler inductor needs (compile_flags).
+    compile_on_cpu: bool = False
 
 
 PROFILES = {
@@ -61,6 +63,9 @@ PROFILES = {
         # higher beta leaves a stray word-piece after its sentences (docs/04_dpo.md).
         dpo=["--max_steps", "60", "--batch_size", "4", "--gradient_accumulation_steps", "1",
              "--max_eval_samples", "32", "--learning_rate", "2e-4", "--loss_type", "sigmoid,sft"],
+        # Compiled, the bf16 step runs ~1.2x faster (eager 4,300 against 5,300 tok/s in the bench's runs) for
+        # ~15 s of compilation; in fp32, 1.04x.
+        compile_on_cpu=True,
     ),
     # One 24 GB GPU: the preset's own training defaults and the stages' full defaults.
     "full": Profile(preset="small", pretrain=[], sft=[], dpo=[]),
@@ -132,6 +137,24 @@ def pretrain_budget(flags: list[str], time_budget: str | None) -> list[str]:
     return [*kept, "--time_budget", time_budget]
 
 
+def compile_flags(profile: Profile) -> list[str]:
+    """`--compile` for a profile that compiles on a CPU, when this machine trains on its CPU (no CUDA or MPS device:
+    compilation is measured there only) and inductor finds a C++ compiler."""
+    if not profile.compile_on_cpu:
+        return []
+    import torch  # here, not at the top: the other profiles start without torch and transformers
+
+    from utils.model import cxx_compiler_available
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return []
+    if not cxx_compiler_available():
+        print("note: pretraining without --compile: torch.compile needs a C++ compiler (g++, or $CXX) and none "
+              "was found; in bf16 the compiled step runs ~1.2x faster", flush=True)
+        return []
+    return ["--compile"]
+
+
 def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
     work = Path(args.work_dir)
     model = args.model or profile.preset
@@ -145,7 +168,7 @@ def build_steps(args: argparse.Namespace, profile: Profile) -> list[Step]:
              data, [args.raw_dataset]),
         Step("pretrain", python + ["scripts/02_pretrain.py", "--config", f"config/{model}.json", "--data_path",
                                    str(data), "--output_dir", str(ckpt["pretrain"]),
-                                   *pretrain_budget(profile.pretrain, args.time_budget)],
+                                   *pretrain_budget(profile.pretrain, args.time_budget), *compile_flags(profile)],
              ckpt["pretrain"], resumable=True),
         # --merge: every fine-tuning stage also leaves a standalone model (merged/) that other tools take as it is.
         Step("sft", python + ["scripts/03_sft.py", "--model_path", str(ckpt["pretrain"]), "--dataset_path",

@@ -100,3 +100,29 @@ def test_a_rerun_skips_finished_steps_and_a_failing_stage_stops_the_chain(run):
     assert "pipeline stopped: step 'sft' failed (exit 2)" in failed.stderr
     state = json.loads((work / "checkpoints" / "pipeline_state.json").read_text())
     assert state["sft"]["status"] == "failed (2)"
+
+
+def test_the_cpu_profile_compiles_where_inductor_can_and_runs_eager_where_it_cannot(monkeypatch, capsys):
+    # make pipeline's pretraining compiles on a CPU (~1.2x the bf16 step), but a laptop without g++ must still run
+    # the chain: there it trains eager and says why.
+    import importlib.util
+
+    import torch
+
+    import utils.model
+
+    spec = importlib.util.spec_from_file_location("run_pipeline_flags", ROOT / "scripts" / "run_pipeline.py")
+    runner = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, runner)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(runner)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(utils.model, "cxx_compiler_available", lambda: True)
+    assert runner.compile_flags(runner.PROFILES["cpu-tiny"]) == ["--compile"]
+    assert runner.compile_flags(runner.PROFILES["micro"]) == []
+    monkeypatch.setattr(utils.model, "cxx_compiler_available", lambda: False)
+    assert runner.compile_flags(runner.PROFILES["cpu-tiny"]) == []
+    assert "without --compile" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(utils.model, "cxx_compiler_available", lambda: True)
+    assert runner.compile_flags(runner.PROFILES["cpu-tiny"]) == []

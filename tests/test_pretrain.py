@@ -437,6 +437,16 @@ def test_dry_run_with_a_time_budget_says_what_fits_and_writes_nothing(micro_conf
     assert not output_dir.exists()
 
 
+def test_compile_without_a_cxx_compiler_is_a_clear_error(micro_config, processed_dir, tmp_path):
+    # Inductor builds its CPU kernels with g++ (or $CXX); without one the run died in the first step's compilation.
+    result = pretrain("--config", str(micro_config), "--data_path", str(processed_dir), "--output_dir",
+                      str(tmp_path / "never"), "--compile", "--max_steps", "2",
+                      env={"CXX": str(tmp_path / "no-such-compiler")})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: --compile" in result.stderr and "C++ compiler" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "never" / "final").exists()
+
+
 def test_compiled_budget_probe_does_not_charge_evaluations_with_their_compilation(micro_config, processed_dir,
                                                                                   tmp_path):
     # The first evaluation compiles the no-grad graphs (seconds); timed, it made each of a 10-minute run's

@@ -125,6 +125,18 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
     return ParameterCount(total=total, embedding=sum(p.numel() for p in embedding_params.values()))
 
 
+def cxx_compiler_available() -> bool:
+    """Whether inductor (torch.compile's backend) finds the C++ compiler it builds its CPU kernels with: g++
+    (or $CXX) on Linux, clang++ on macOS. A laptop may have none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any failure of the lookup means inductor could not compile either
+        return False
+    return True
+
+
 def flash_attention_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 

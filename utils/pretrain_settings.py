@@ -22,7 +22,7 @@ from utils.checkpoint import CheckpointError, resolve_checkpoint, verify_checkpo
 from utils.config import ModelPreset
 from utils.files import read_json
 from utils.layout import LATEST, TRACKER_DIR, stage_dir
-from utils.model import resolve_precision, share_cpu_bf16_answer
+from utils.model import cxx_compiler_available, resolve_precision, share_cpu_bf16_answer
 from utils.trackers import check_trackers
 from utils.training import DURATION_FORMS, TrainingError, parse_duration
 
@@ -237,6 +237,9 @@ def make_accelerator(settings: PretrainSettings, output_dir: Path) -> Accelerato
     # --compile: `prepare` compiles one decoder layer and reuses it for the others (regional compilation), in
     # the order DDP, FSDP and DeepSpeed each need. A cold tiny-preset start on a CPU: ~13 s, against ~19 s for
     # the whole model.
+    if settings.compile and not cxx_compiler_available():
+        raise TrainingError("--compile: torch.compile's inductor needs a C++ compiler (g++, or the one $CXX names) "
+                            "and none was found; install one (e.g. apt install g++) or leave out --compile")
     dynamo = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if settings.compile else None
     if cpu_processes:
         share_cpu_bf16_answer()
