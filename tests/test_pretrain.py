@@ -269,9 +269,12 @@ def test_a_time_budget_is_fitted_again_from_the_runs_own_speed(micro_config, pro
     monkeypatch.setattr(pretrain_run, "seconds_since_start", lambda: time.time() - started)
     measure = pretrain_run.probe_budget
 
-    def slow_start_probe(*args: object) -> BudgetProbe:
-        probe = measure(*args)
-        return dataclasses.replace(probe, step=3 * probe.step)
+    def slow_start_probe(run, *args: object) -> BudgetProbe:
+        probe = measure(run, *args)
+        # 3× slower, at a speed whose rounding to 0.1 (run.json) then to 1 disagrees with rounding it to 1: an odd
+        # N plus 0.46 tok/s (N.5 rounds half to even, up to N + 1).
+        speed = int(run.plan.tokens_per_step / (6 * probe.step)) * 2 + 1.46
+        return dataclasses.replace(probe, step=run.plan.tokens_per_step / speed)
 
     monkeypatch.setattr(pretrain_run, "probe_budget", slow_start_probe)
     common = ["--config", str(micro_config), "--data_path", str(processed_dir), "--lr_scheduler", "wsd",
@@ -286,6 +289,8 @@ def test_a_time_budget_is_fitted_again_from_the_runs_own_speed(micro_config, pro
     assert 0.7 * budget < elapsed < budget + 2, f"{elapsed:.1f} s for a {budget} s budget"
     first, last = decision["refits"][0], decision["refits"][-1]
     assert f"re-fitted at step {first['at_step']:,}" in stdout
+    probe_speed = stdout.split(" tok/s")[0].rsplit(" at ", 1)[1]  # "budget 12s → N steps of T tokens at S tok/s"
+    assert f"the probe timed {probe_speed})" in stdout  # one figure, not re-rounded from run.json's
     assert decision["steps"] > 1.5 * first["steps_before"] and run["step"] == decision["steps"]
     monkeypatch.undo()
     code, _, stderr = run_stage("02_pretrain.py", [*common, "--output_dir", str(tmp_path / "fixed"),

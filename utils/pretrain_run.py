@@ -592,6 +592,7 @@ def refit_time_budget(run: Run) -> None:
     run.step_seconds.clear()
     if not again:
         run.budget_probe = None
+    probe_speed = plan.tokens_per_step / probed.step
     run.say(f"budget {settings.time_budget} re-fitted at step {done:,} from the last {len(timed):,} steps "
-            f"({tokens_per_second:,.0f} tok/s, the probe timed {decision['tokens_per_second']:,.0f}): {before:,} → "
-            f"{steps:,} steps; ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
+            f"({tokens_per_second:,.0f} tok/s, the probe timed {probe_speed:,.0f}): {before:,} → {steps:,} steps; "
+            f"ends ≈ {time.strftime('%H:%M', time.localtime(ends))}")
