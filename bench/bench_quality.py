@@ -110,6 +110,7 @@ RECIPES = {
                                       "1.6e-2"], "defaults at 1.5× Muon's and 4/3 AdamW's learning rate"),
     "defaults-wd02": Recipe({}, [*PIPELINE_FLAGS, "--weight_decay", "0.2"],
                             "defaults with weight decay 0.2 on the matrices"),
+    "defaults-untied": Recipe({"tie_word_embeddings": False}, PIPELINE_FLAGS, "defaults with untied embeddings"),
     "muon-wsd-untied": Recipe(
         {"tie_word_embeddings": False}, ["--optimizer", "muon", "--lr_scheduler", "wsd"],
         "defaults with untied embeddings"),
