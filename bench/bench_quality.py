@@ -111,6 +111,8 @@ RECIPES = {
     "defaults-wd02": Recipe({}, [*PIPELINE_FLAGS, "--weight_decay", "0.2"],
                             "defaults with weight decay 0.2 on the matrices"),
     "defaults-untied": Recipe({"tie_word_embeddings": False}, PIPELINE_FLAGS, "defaults with untied embeddings"),
+    "defaults-adamw6e-3": Recipe({}, [*PIPELINE_FLAGS, "--learning_rate", "6e-3"],
+                                 "defaults with the AdamW part (embeddings, norms) at 6e-3"),
     "muon-wsd-untied": Recipe(
         {"tie_word_embeddings": False}, ["--optimizer", "muon", "--lr_scheduler", "wsd"],
         "defaults with untied embeddings"),
